@@ -1,0 +1,383 @@
+"""The HTTP API (v1): models, streams, WebRTC offers, device outputs, health and metrics.
+
+Errors are JSON, ``{"error": {"code", "message"}}``, with a 4xx/5xx status; a bad request never touches
+the streams that are playing. The event loop only schedules: model loading and device opening run in the
+default executor, inference in the engine's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from daemon.device import DeviceError, DeviceOutput
+from daemon.peers import StreamTrack
+from models.store import ModelStore
+from streaming.controls import ControlError, validate
+from streaming.engine import Engine, Group, Stream
+from streaming.model import FrameModel, ModelError
+
+log = logging.getLogger("wavecast.api")
+MAX_BODY_BYTES = 256 * 1024  # an SDP offer is a few KiB
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              413: "body_too_large", 415: "unsupported_media_type"}
+
+
+class Daemon:
+    """Everything `wavecast serve` holds: the engine, loaded models, peers and device outputs."""
+
+    def __init__(self, store: ModelStore, *, buffer_frames: int = 6, max_streams: int = 256,
+                 max_peers_per_stream: int = 16, token: str | None = None) -> None:
+        self.store = store
+        self.engine = Engine(buffer_frames=buffer_frames)
+        self.max_streams = max_streams
+        self.max_peers_per_stream = max_peers_per_stream
+        self.token = token
+        self.peers: dict[str, set[RTCPeerConnection]] = {}
+        self.outputs: dict[str, DeviceOutput] = {}
+        self.started = time.time()
+        self.errors = 0
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    # -- models -------------------------------------------------------------------------------------
+    async def group(self, name: str) -> Group:
+        """The loaded group for the newest version of `name`, loading it off the loop if needed."""
+        try:
+            entry = self.store.resolve(name)
+        except KeyError as e:
+            raise ApiError(404, "unknown_model", str(e.args[0])) from None
+        key = (entry.manifest.name, entry.manifest.version)
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if key not in self.engine.groups:
+                try:
+                    model = await asyncio.get_running_loop().run_in_executor(None, FrameModel, entry.directory)
+                except ModelError as e:
+                    raise ApiError(500, "model_unusable", str(e)) from None
+                self.engine.add_model(model)
+                log.info("model loaded name=%s version=%s providers=%s", *key, ",".join(model.providers))
+        return self.engine.groups[key]
+
+    def stream(self, request: web.Request) -> Stream:
+        sid = request.match_info["id"]
+        stream = self.engine.streams.get(sid)
+        if stream is None:
+            raise ApiError(404, "unknown_stream", f"no stream '{sid}'; list them with GET /v1/streams")
+        return stream
+
+    def stream_info(self, stream: Stream) -> dict:
+        info = stream.info()
+        info["peers"] = len(self.peers.get(stream.id, ()))
+        out = self.outputs.get(stream.id)
+        info["device"] = out.info() if out else None
+        return info
+
+    async def close_stream(self, stream: Stream) -> None:
+        for pc in list(self.peers.pop(stream.id, ())):
+            await pc.close()
+        out = self.outputs.pop(stream.id, None)
+        if out:
+            await asyncio.get_running_loop().run_in_executor(None, out.close)
+        self.engine.delete_stream(stream.id)
+
+    async def shutdown(self) -> None:
+        for stream in list(self.engine.streams.values()):
+            await self.close_stream(stream)
+        self.engine.stop()
+
+
+async def read_json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as e:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed_json", "request body is not UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "malformed_json", "request body must be a JSON object")
+    return body
+
+
+def parse_controls(stream_or_group: Stream | Group, raw: Any) -> dict[str, float]:
+    try:
+        return validate(stream_or_group.manifest, raw)
+    except ControlError as e:
+        raise ApiError(422, "invalid_control", str(e)) from None
+
+
+def model_info(manifest) -> dict:
+    return {
+        "name": manifest.name, "version": manifest.version, "kind": manifest.kind,
+        "sample_rate": manifest.sample_rate, "hop": manifest.hop,
+        "controls": [c.__dict__ for c in manifest.controls],
+        "source": manifest.source, "verification": manifest.verification,
+    }
+
+
+# -- middleware -------------------------------------------------------------------------------------
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    daemon: Daemon = request.app["daemon"]
+    try:
+        if daemon.token and request.path != "/v1/health":
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {daemon.token}".encode()):
+                raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>' (the daemon's --token)")
+        return await handler(request)
+    except ApiError as e:
+        daemon.errors += 1
+        return error_response(e.status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        daemon.errors += 1
+        if e.status == 413:
+            return error_response(413, "body_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+        return error_response(e.status, HTTP_CODES.get(e.status, "http_error"), e.reason)
+    except Exception:
+        daemon.errors += 1
+        log.exception("unhandled error path=%s", request.path)
+        return error_response(500, "internal", "internal error; the daemon log has the details")
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    return web.json_response({"status": "ok", "uptime_seconds": round(time.time() - d.started, 1),
+                              "streams": len(d.engine.streams)})
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    store: ModelStore = request.app["daemon"].store
+    entries = await asyncio.get_running_loop().run_in_executor(None, store.latest)
+    return web.json_response({"models": [model_info(e.manifest) for e in entries.values()]})
+
+
+@routes.get("/v1/models/{name}")
+async def get_model(request: web.Request) -> web.Response:
+    store: ModelStore = request.app["daemon"].store
+    try:
+        entry = await asyncio.get_running_loop().run_in_executor(None, store.resolve, request.match_info["name"])
+    except KeyError as e:
+        raise ApiError(404, "unknown_model", str(e.args[0])) from None
+    return web.json_response(model_info(entry.manifest) | {"training": entry.manifest.training,
+                                                             "shipped": entry.shipped})
+
+
+@routes.post("/v1/streams")
+async def create_stream(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    body = await read_json(request)
+    name = body.get("model", "default")
+    if not isinstance(name, str):
+        raise ApiError(422, "invalid_model", "'model' must be a model name (see GET /v1/models)")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(32)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ApiError(422, "invalid_seed", "'seed' must be an integer in [0, 2^63)")
+    if len(d.engine.streams) >= d.max_streams:
+        raise ApiError(429, "too_many_streams", f"this daemon runs at most {d.max_streams} streams; delete one first")
+    group = await d.group(name)
+    controls = parse_controls(group, body.get("controls", {}))
+    stream = d.engine.create_stream(group, seed, controls)
+    log.info("stream created id=%s model=%s seed=%s", stream.id, name, seed)
+    return web.json_response(d.stream_info(stream), status=201)
+
+
+@routes.get("/v1/streams")
+async def list_streams(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    return web.json_response({"streams": [d.stream_info(s) for s in list(d.engine.streams.values())]})
+
+
+@routes.get("/v1/streams/{id}")
+async def get_stream(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    return web.json_response(d.stream_info(d.stream(request)))
+
+
+def apply_patch(stream: Stream, body: Any) -> dict:
+    if not isinstance(body, dict) or "controls" not in body:
+        raise ApiError(422, "invalid_patch", 'send {"controls": {"name": value, ...}}')
+    stream.smoother.set(parse_controls(stream, body["controls"]))
+    return stream.smoother.as_dict()
+
+
+@routes.patch("/v1/streams/{id}")
+async def patch_stream(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    apply_patch(stream, await read_json(request))
+    return web.json_response(d.stream_info(stream))
+
+
+@routes.delete("/v1/streams/{id}")
+async def delete_stream(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    await d.close_stream(stream)
+    return web.json_response({"id": stream.id, "deleted": True})
+
+
+@routes.post("/v1/streams/{id}/webrtc")
+async def webrtc_offer(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    body = await read_json(request)
+    if body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+        raise ApiError(400, "malformed_offer", 'send {"type": "offer", "sdp": "<SDP text>"}')
+    peers = d.peers.setdefault(stream.id, set())
+    if len(peers) >= d.max_peers_per_stream:
+        raise ApiError(429, "too_many_peers", f"a stream takes at most {d.max_peers_per_stream} WebRTC peers")
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    track = StreamTrack(stream, d.engine)
+    peers.add(pc)
+
+    async def close() -> None:
+        track.stop()
+        peers.discard(pc)
+        await pc.close()
+
+    @pc.on("connectionstatechange")
+    async def on_state() -> None:
+        log.info("peer stream=%s state=%s", stream.id, pc.connectionState)
+        if pc.connectionState in ("failed", "closed"):
+            await close()
+
+    @pc.on("datachannel")
+    def on_channel(channel) -> None:
+        if channel.label != "controls":
+            return
+
+        @channel.on("message")
+        def on_message(message: str | bytes) -> None:
+            try:
+                body = json.loads(message)
+                reply = {"type": "controls", "controls": apply_patch(stream, body)}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                reply = {"type": "error", "error": {"code": "malformed_json", "message": str(e)}}
+            except ApiError as e:
+                reply = {"type": "error", "error": {"code": e.code, "message": e.message}}
+            channel.send(json.dumps(reply))
+
+    try:
+        pc.addTrack(track)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as e:  # aiortc raises ValueError and others for SDP it cannot use
+        await close()
+        raise ApiError(400, "malformed_sdp", f"cannot answer this offer: {e}") from None
+    return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
+
+
+@routes.post("/v1/streams/{id}/device")
+async def start_device(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    body = await read_json(request)
+    device = body.get("device")
+    if device is not None and (isinstance(device, bool) or not isinstance(device, int | str)):
+        raise ApiError(422, "invalid_device", "'device' must be an output index or name (see 'wavecast devices')")
+    if stream.id in d.outputs:
+        raise ApiError(409, "device_in_use", "this stream already plays on a device; DELETE it first")
+    loop = asyncio.get_running_loop()
+    try:
+        out = await loop.run_in_executor(None, DeviceOutput, stream, d.engine, device)
+    except DeviceError as e:
+        raise ApiError(404, "unknown_device", str(e)) from None
+    if stream.id not in d.engine.streams:  # deleted while the device opened
+        await loop.run_in_executor(None, out.close)
+        raise ApiError(404, "unknown_stream", "the stream was deleted meanwhile")
+    d.outputs[stream.id] = out
+    return web.json_response({"stream": stream.id, "device": out.info()}, status=201)
+
+
+@routes.delete("/v1/streams/{id}/device")
+async def stop_device(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    out = d.outputs.pop(stream.id, None)
+    if out is None:
+        raise ApiError(404, "no_device", "this stream plays on no device")
+    await asyncio.get_running_loop().run_in_executor(None, out.close)
+    return web.json_response({"stream": stream.id, "device": None})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    st = d.engine.stats
+    streams = list(d.engine.streams.values())
+    lines = [
+        ("wavecast_streams", "gauge", "streams that exist", len(streams)),
+        ("wavecast_listeners", "gauge", "readers (WebRTC tracks, devices) across streams",
+         sum(len(s.ring.readers()) for s in streams)),
+        ("wavecast_peers", "gauge", "WebRTC peer connections", sum(len(p) for p in d.peers.values())),
+        ("wavecast_underruns_total", "counter", "reads that found too little audio (live streams)",
+         sum(s.underruns for s in streams)),
+        ("wavecast_engine_ticks_total", "counter", "ticks that generated audio", st.ticks),
+        ("wavecast_engine_frames_total", "counter", "frames generated", st.frames),
+        ("wavecast_engine_batches_total", "counter", "batched ONNX Runtime calls", st.batches),
+        ("wavecast_engine_busy_seconds_total", "counter", "seconds spent generating", st.busy_seconds),
+        ("wavecast_engine_tick_max_seconds", "gauge", "longest tick so far", st.max_tick_seconds),
+        ("wavecast_engine_last_batch", "gauge", "streams in the last tick", st.last_batch),
+        ("wavecast_http_errors_total", "counter", "requests answered with an error", d.errors),
+    ]
+    text = []
+    for name, kind, help_, value in lines:
+        value = float(value)
+        text += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value if math.isfinite(value) else 0}"]
+    text.append("# TYPE wavecast_model_loaded gauge")
+    for (name, version), group in d.engine.groups.items():
+        provider = group.model.providers[0]
+        text.append(f'wavecast_model_loaded{{name="{name}",version="{version}",provider="{provider}"}} 1')
+    return web.Response(text="\n".join(text) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def not_yet(message: str):
+    async def handler(request: web.Request) -> web.Response:
+        raise ApiError(501, "not_implemented", message)
+
+    return handler
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app["daemon"] = daemon
+    app.add_routes(routes)
+    jobs = not_yet("training jobs over HTTP are not available yet; run 'wavecast train instrument' instead")
+    app.router.add_route("*", "/v1/jobs", jobs)
+    app.router.add_route("*", "/v1/jobs/{id}", jobs)
+    app.router.add_get("/overlay", not_yet("the overlay page is not available yet"))
+
+    async def on_cleanup(app: web.Application) -> None:
+        await daemon.shutdown()
+
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,255 @@
+"""`wavecast`: serve, render, train, models, devices. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("wavecast")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
+    for noisy in ("aioice", "aiortc", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_control(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, e.g. f0=440, got {text!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- serve ------------------------------------------------------------------------------------------
+async def serve(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from daemon.app import Daemon, make_app
+    from daemon.peers import use_ice_host
+    from models.store import ModelStore
+
+    if args.ice_host:
+        use_ice_host(args.ice_host)
+    daemon = Daemon(ModelStore(args.store), buffer_frames=args.buffer_frames, max_streams=args.max_streams,
+                    token=args.token)
+    await daemon.group(args.model)  # load and check the default model before accepting requests
+    daemon.engine.start()
+    runner = web.AppRunner(make_app(daemon), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"wavecast serving http://{args.host}:{port} (model '{args.model}')", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    args.token = args.token or os.environ.get("WAVECAST_TOKEN")
+    if not is_loopback(args.host) and not args.token:
+        print(f"error: binding to non-loopback {args.host} needs --token (or WAVECAST_TOKEN); clients then send "
+              "'Authorization: Bearer <token>'", file=sys.stderr)
+        return 2
+    try:
+        uvloop.run(serve(args))
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port} ({e}); pick another --port", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- render -----------------------------------------------------------------------------------------
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from models.store import ModelStore
+    from streaming.controls import ControlError, validate
+    from streaming.engine import render
+    from streaming.model import FrameModel, ModelError
+
+    try:
+        model = FrameModel(ModelStore(args.store).resolve(args.model).directory, device=args.device)
+        controls = validate(model.manifest, dict(args.control))
+    except (KeyError, ModelError, ControlError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    if not args.seconds > 0:
+        print("error: --seconds must be positive", file=sys.stderr)
+        return 2
+    audio = render(model, args.seconds, args.seed, controls)
+    write_wav(args.out, audio, model.manifest.sample_rate)
+    m = model.manifest
+    print(f"wrote {args.out}: {args.seconds:g} s of '{m.name}' v{m.version}, seed {args.seed}", file=sys.stderr)
+    return 0
+
+
+# -- train, models, devices -------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from models import train
+    except ImportError as e:
+        print(f"error: training needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
+        return 2
+    train.run(args, sys.argv[1:])
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.store import ModelStore
+
+    store = ModelStore(args.store)
+    latest = store.latest()
+    if args.json:
+        print(json.dumps([{"name": n, "version": e.manifest.version, "kind": e.manifest.kind,
+                           "shipped": e.shipped, "path": str(e.directory)} for n, e in latest.items()], indent=2))
+        return 0
+    print(f"{'name':<16} {'version':>7}  {'kind':<12} {'from':<8} path")
+    for name, e in latest.items():
+        print(f"{name:<16} {e.manifest.version:>7}  {e.manifest.kind:<12} {'shipped' if e.shipped else 'store':<8} "
+              f"{e.directory}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from daemon.device import DeviceError, list_outputs
+
+    try:
+        outputs = list_outputs()
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(outputs, indent=2))
+        return 0
+    for d in outputs:
+        print(f"{d['index']:>3}{'*' if d['default'] else ' '} {d['name']}  ({d['channels']} ch, "
+              f"{d['default_samplerate']:g} Hz)")
+    if not outputs:
+        print("no output devices (is PortAudio seeing ALSA/PulseAudio?)")
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of 'wavecast train instrument' (consumed by models.train.run)."""
+    p.add_argument("--name", default="default", help="model name to publish under (default: %(default)s)")
+    p.add_argument("--program", type=int, default=73, help="GM program to imitate, 0-based (73 = flute)")
+    p.add_argument("--quick", action="store_true", help="tiny data and few steps: a working model in ~2 min")
+    p.add_argument("--steps", type=int, help="training steps (default 3000, quick 600)")
+    p.add_argument("--batch", type=int, help="crops per step (default 8, quick 4)")
+    p.add_argument("--frames", type=int, help="frames per crop, 10 ms each (default 100, quick 50)")
+    p.add_argument("--hidden", type=int, default=128, help="LSTM width (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, init and batches")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--work", type=Path, help="data cache and checkpoints (default ~/.cache/wavecast)")
+    p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
+    p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wavecast", description="Real-time generative audio from stateful LSTM models.")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    store_help = "trained-model store (default $XDG_DATA_HOME/wavecast/models); shipped models are always there"
+
+    s = sub.add_parser("serve", help="run the daemon: HTTP API, WebRTC, device output",
+                       description="Run the daemon. Streams play a model live to WebRTC peers and sound devices.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8765, help="TCP port, 0 picks a free one (default: %(default)s)")
+    s.add_argument("--store", type=Path, help=store_help)
+    s.add_argument("--model", default="default", help="model to load and check at start (default: %(default)s)")
+    s.add_argument("--ice-host", help="offer this address as the only ICE host candidate, e.g. 127.0.0.1 for "
+                                      "local clients (aioice leaves loopback out otherwise)")
+    s.add_argument("--buffer-frames", type=int, default=6,
+                   help="frames (10 ms each) generated ahead of the hungriest listener (default: %(default)s)")
+    s.add_argument("--max-streams", type=int, default=256, help="streams allowed at once (default: %(default)s)")
+    s.add_argument("--token", help="bearer token required from clients; needed for non-loopback --host")
+    s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("render", help="write a stream to a WAV file, reproducibly",
+                       description="Run the engine without a clock and write mono 16-bit WAV. "
+                                   "The same model, seed and controls give a bit-identical file.")
+    r.add_argument("--model", default="default", help="model name (default: %(default)s)")
+    r.add_argument("--seconds", type=float, required=True, help="length of the render")
+    r.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    r.add_argument("--control", type=parse_control, action="append", default=[], metavar="NAME=VALUE",
+                   help="a control value, repeatable, e.g. --control f0=440 --control loudness=-20")
+    r.add_argument("--out", type=Path, required=True, help="WAV file to write")
+    r.add_argument("--store", type=Path, help=store_help)
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="ONNX Runtime device (default: %(default)s, bit-reproducible)")
+    r.set_defaults(func=cmd_render)
+
+    t = sub.add_parser("train", help="train, export, verify and publish a model",
+                       description="Train a model in this process (torch), export it to ONNX, verify it and "
+                                   "publish it to the store.")
+    tsub = t.add_subparsers(dest="what", required=True, metavar="KIND")
+    ti = tsub.add_parser("instrument", help="a neural instrument (controls f0, loudness -> audio)",
+                         description="Render FluidSynth performances, train the LSTM instrument, export, verify, "
+                                     "publish.")
+    add_train_arguments(ti)
+    ti.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("models", help="list the models the daemon can play")
+    m.add_argument("--store", type=Path, help=store_help)
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("devices", help="list sound output devices")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_devices)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""`wavecast train instrument`: render data, train, export to ONNX, verify, publish. Read top to bottom.
+
+Training is resumable: a checkpoint is written every CHECKPOINT_EVERY steps into the work directory and
+picked up again by the same command (same recipe and model settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import data
+from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
+from models.instrument import Instrument, InstrumentConfig
+from models.store import ModelStore
+from streaming.model import FrameModel, Manifest
+
+CHECKPOINT_EVERY = 100
+FFT_SIZES = (2048, 1024, 512, 256, 128, 64)
+PARITY_LIMIT = 1e-4  # max |torch - ORT| audio over the stateful parity run
+PITCH_LIMIT = 0.01  # max relative f0 error of constant-pitch renders
+GM_NAMES = {40: "violin", 42: "cello", 71: "clarinet", 73: "flute", 56: "trumpet", 48: "strings"}
+
+
+def log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def code_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parent, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def spectral_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Multi-scale spectral loss: L1 of linear and of log magnitudes over several FFT sizes."""
+    loss = pred.new_zeros(())
+    for n in FFT_SIZES:
+        window = torch.hann_window(n, device=pred.device)
+        spec = [torch.stft(x, n, n // 4, window=window, return_complex=True).abs() for x in (pred, target)]
+        log_gap = torch.log(spec[0] + 1e-5) - torch.log(spec[1] + 1e-5)
+        loss = loss + (spec[0] - spec[1]).abs().mean() + log_gap.abs().mean()
+    return loss / len(FFT_SIZES)
+
+
+def sample_batch(
+    perfs: list[data.Performance], batch: int, frames: int, rng: np.random.Generator, noise_width: int
+) -> tuple[torch.Tensor, ...]:
+    """Random crops: controls [B,F,2], noise [B,F,N], target audio [B,F*hop], initial phases [B,1]."""
+    lengths = np.array([len(p.f0) - frames for p in perfs], float)
+    picks = rng.choice(len(perfs), size=batch, p=lengths / lengths.sum())
+    control = np.empty((batch, frames, 2), np.float32)
+    target = np.empty((batch, frames * data.HOP), np.float32)
+    for i, k in enumerate(picks):
+        p, start = perfs[k], rng.integers(0, len(perfs[k].f0) - frames)
+        control[i, :, 0] = p.f0[start : start + frames]
+        control[i, :, 1] = p.loudness[start : start + frames]
+        target[i] = p.audio[start * data.HOP : (start + frames) * data.HOP]
+    noise = rng.standard_normal((batch, frames, noise_width), dtype=np.float32)
+    phase = rng.random((batch, 1), dtype=np.float32)
+    return tuple(torch.from_numpy(a) for a in (control, noise, target, phase))
+
+
+def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, device: str) -> float:
+    """Spectral loss on fixed crops of held-out performances, from zero state as the engine starts."""
+    rng = np.random.default_rng(12345)
+    with torch.no_grad():
+        control, noise, target, _ = (t.to(device) for t in sample_batch(perfs, 8, frames, rng, model.noise_width))
+        state = [s.to(device) for s in model.initial_state(len(control))]
+        return float(spectral_loss(model(control, noise, *state)[0], target))
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> Path:
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    steps = args.steps or (600 if args.quick else 3000)
+    batch = args.batch or (4 if args.quick else 8)
+    frames = args.frames or (50 if args.quick else 100)
+    recipe = data.Recipe(program=args.program, seed=args.seed,
+                         **({"performances": 5, "seconds": 8.0, "heldout": 1} if args.quick else {}))
+    work = args.work or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavecast"
+    log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
+    dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
+
+    cfg = InstrumentConfig(hidden=args.hidden)
+    model = Instrument(cfg).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames,
+                "lr": args.lr, "seed": args.seed}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    ckpt_path = work / "runs" / f"{args.name}-{digest}.pt"
+    first, history = 0, []
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=args.device)
+        if ckpt["settings"] == settings:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            first, history = ckpt["step"], ckpt["history"]
+            log(f"resuming from {ckpt_path} at step {first}")
+
+    rng = np.random.default_rng(args.seed + first)
+    warmup = max(1, steps // 20)
+    t0, last = time.time(), first
+    for step in range(first, steps):
+        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        control, noise, target, phase = (t.to(args.device) for t in sample_batch(
+            dataset.train, batch, frames, rng, model.noise_width))
+        h, c, _, amp, tail = (s.to(args.device) for s in model.initial_state(batch))
+        loss = spectral_loss(model(control, noise, h, c, phase, amp, tail)[0], target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+        history.append(float(loss))
+        done = step + 1
+        if done % 25 == 0 or done == steps:
+            rate = (time.time() - t0) / (done - last)
+            log(f"step {done}/{steps} loss {np.mean(history[-25:]):.4f} lr {lr:.2e} "
+                f"{rate:.2f} s/step, eta {rate * (steps - done) / 60:.1f} min")
+        if done % CHECKPOINT_EVERY == 0 and done < steps:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": done, "history": history}, tmp)
+            os.replace(tmp, ckpt_path)
+    heldout_loss = evaluate(model, dataset.heldout, min(frames, 100), args.device)
+    log(f"held-out spectral loss {heldout_loss:.4f}")
+
+    model = model.cpu().eval()
+    with tempfile.TemporaryDirectory(prefix="wavecast-export-") as tmp:
+        candidate = Path(tmp)
+        onnx = export_onnx(model, candidate)
+        manifest = Manifest.from_dict({
+            "name": args.name, "version": 1, "kind": "instrument", "sample_rate": cfg.sample_rate, "hop": cfg.hop,
+            "controls": [
+                {"name": "f0", "unit": "Hz", "min": 30.0, "max": 2000.0, "default": 220.0, "smoothing": 0.03},
+                {"name": "loudness", "unit": "dB", "min": -80.0, "max": 0.0, "default": -24.0, "smoothing": 0.03},
+            ],
+            "states": [{"name": k, "shape": v} for k, v in state_shapes(model).items()],
+            "noise": model.noise_width, "onnx": onnx,
+        }, "candidate")
+        manifest.write(candidate)
+        frame_model = FrameModel(candidate, device="cpu")
+        log("verifying: torch vs ONNX Runtime over 240 stateful steps, pitch at 55..1760 Hz")
+        parity = verify_parity(model, frame_model)
+        pitch = verify_pitch(frame_model)
+        log(f"parity max |torch-ORT| {parity['max_abs_audio']:.2e}, max f0 error {pitch['max_f0_relative_error']:.4%}")
+        problems = []
+        if parity["max_abs_audio"] > PARITY_LIMIT:
+            problems.append(f"parity {parity['max_abs_audio']:.2e} > {PARITY_LIMIT:.0e}")
+        if pitch["max_f0_relative_error"] > PITCH_LIMIT:
+            worst = ", ".join(f"{f} Hz: {e:.2%}" for f, e in pitch["f0_relative_error"].items() if e > PITCH_LIMIT)
+            problems.append(f"pitch error above {PITCH_LIMIT:.0%} at {worst}")
+        if problems:
+            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published "
+                             f"(train longer with --steps, or check the data)")
+        final = {
+            **manifest.to_dict(),
+            "source": {"soundfont": data.SOUNDFONT.name, "gm_program": recipe.program,
+                       "instrument": GM_NAMES.get(recipe.program, f"gm{recipe.program}"), "f0_range_hz": [30, 2000],
+                       "loudness": "RMS dBFS per 10 ms frame (full-scale sine = -3 dB)"},
+            "training": {
+                "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
+                "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
+                "seconds": round(time.time() - started, 1), "device": args.device,
+                "final_loss": float(np.mean(history[-25:])), "heldout_loss": heldout_loss,
+                "code_revision": code_revision(), "torch": torch.__version__,
+            },
+            "verification": {"parity": parity, "parity_limit": PARITY_LIMIT, "pitch": pitch,
+                             "pitch_limit": PITCH_LIMIT},
+        }
+        (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for name in ("model.onnx", "model.json"):
+                (args.out / name).write_bytes((candidate / name).read_bytes())
+            FrameModel(args.out, device="cpu")
+            log(f"wrote {args.out} in {time.time() - started:.0f} s")
+            ckpt_path.unlink(missing_ok=True)
+            return args.out
+        entry = ModelStore(args.store).publish(candidate)
+    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
+    log(f"published {entry.manifest.name} v{entry.manifest.version} to {entry.directory} "
+        f"in {time.time() - started:.0f} s")
+    return entry.directory

@@ -1,0 +1,233 @@
+"""The frame-model contract: an ONNX graph plus its `model.json` manifest, checked before use.
+
+Inputs ``control [B,F,C]``, ``noise [B,F,N]`` and ``state_in.<name>``; outputs ``audio [B,F*hop]`` and
+``state_out.<name>``. B and F are dynamic; all memory lives in the state tensors. A model whose manifest,
+checksum or graph signature does not match is refused with an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+ort.set_default_logger_severity(3)
+
+MANIFEST = "model.json"
+GRAPH = "model.onnx"
+BATCH = "B"  # placeholder for the batch axis in manifest state shapes
+
+
+class ModelError(Exception):
+    """A model that does not satisfy the contract; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Control:
+    name: str
+    unit: str
+    min: float
+    max: float
+    default: float
+    smoothing: float  # seconds: time constant of the per-frame one-pole smoother
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    name: str
+    shape: tuple[int | str, ...]  # BATCH marks the batch axis
+
+    @property
+    def batch_axis(self) -> int:
+        return self.shape.index(BATCH)
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    kind: str
+    sample_rate: int
+    hop: int
+    controls: tuple[Control, ...]
+    states: tuple[StateSpec, ...]
+    noise: int
+    onnx: dict[str, Any]  # file, sha256, opset
+    training: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def frame_seconds(self) -> float:
+        return self.hop / self.sample_rate
+
+    def control(self, name: str) -> Control:
+        for c in self.controls:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["states"] = [{"name": s.name, "shape": list(s.shape)} for s in self.states]
+        d["controls"] = [asdict(c) for c in self.controls]
+        return d
+
+    def write(self, directory: Path) -> None:
+        (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{path}: no manifest; a model directory holds {MANIFEST} and {GRAPH}") from None
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> Manifest:
+        def need(obj: Any, key: str, kind: type | tuple[type, ...], at: str) -> Any:
+            if not isinstance(obj, dict) or key not in obj:
+                raise ModelError(f"{where}: field '{at}{key}' is missing")
+            value = obj[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ModelError(f"{where}: field '{at}{key}' has the wrong type ({type(value).__name__})")
+            return value
+
+        num = (int, float)
+        controls = []
+        for i, c in enumerate(need(raw, "controls", list, "")):
+            at = f"controls[{i}]."
+            ctl = Control(
+                need(c, "name", str, at), need(c, "unit", str, at), float(need(c, "min", num, at)),
+                float(need(c, "max", num, at)), float(need(c, "default", num, at)),
+                float(need(c, "smoothing", num, at)),
+            )
+            if not (math.isfinite(ctl.min) and math.isfinite(ctl.max) and ctl.min <= ctl.default <= ctl.max):
+                raise ModelError(f"{where}: field '{at}default' must lie in [min, max] ({ctl})")
+            if ctl.smoothing < 0:
+                raise ModelError(f"{where}: field '{at}smoothing' must be >= 0 seconds")
+            controls.append(ctl)
+        states = []
+        for i, s in enumerate(need(raw, "states", list, "")):
+            at = f"states[{i}]."
+            shape = tuple(need(s, "shape", list, at))
+            if shape.count(BATCH) != 1 or not all(d == BATCH or (isinstance(d, int) and d > 0) for d in shape):
+                raise ModelError(f"{where}: field '{at}shape' needs positive sizes and exactly one '{BATCH}'")
+            states.append(StateSpec(need(s, "name", str, at), shape))
+        onnx = need(raw, "onnx", dict, "")
+        for key, kind in (("file", str), ("sha256", str), ("opset", int)):
+            need(onnx, key, kind, "onnx.")
+        manifest = cls(
+            name=need(raw, "name", str, ""), version=need(raw, "version", int, ""), kind=need(raw, "kind", str, ""),
+            sample_rate=need(raw, "sample_rate", int, ""), hop=need(raw, "hop", int, ""),
+            controls=tuple(controls), states=tuple(states), noise=need(raw, "noise", int, ""), onnx=onnx,
+            training=raw.get("training", {}), verification=raw.get("verification", {}), source=raw.get("source", {}),
+        )
+        if manifest.sample_rate <= 0 or manifest.hop <= 0 or manifest.noise < 0:
+            raise ModelError(f"{where}: fields 'sample_rate', 'hop' and 'noise' must be positive")
+        return manifest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cuda_present() -> bool:
+    """True where an NVIDIA driver is loadable; onnxruntime-gpu lists CUDA even where it is not."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning burns a whole core while the engine waits for the next tick; on small machines that hurts.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+class FrameModel:
+    """A checked ONNX frame model: `run` advances B streams by F frames."""
+
+    def __init__(self, directory: Path, device: str = "auto", threads: int = 1) -> None:
+        self.directory = Path(directory)
+        self.manifest = Manifest.read(self.directory / MANIFEST)
+        graph = self.directory / self.manifest.onnx["file"]
+        if not graph.is_file():
+            raise ModelError(f"{graph}: graph file named by field 'onnx.file' is missing")
+        digest = file_sha256(graph)
+        if digest != self.manifest.onnx["sha256"]:
+            raise ModelError(
+                f"{graph}: sha256 {digest[:12]}… does not match field 'onnx.sha256' "
+                f"{self.manifest.onnx['sha256'][:12]}… in {self.directory / MANIFEST}; re-export or re-publish it"
+            )
+        use_cuda = device == "cuda" or (device == "auto" and cuda_present())
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(graph), session_options(threads), providers=providers)
+        except Exception as e:  # onnxruntime raises several unrelated types for a corrupt graph
+            raise ModelError(f"{graph}: ONNX Runtime cannot load it ({e})") from None
+        self.providers = self.session.get_providers()
+        self._check_signature(graph)
+        self.state_names = [s.name for s in self.manifest.states]
+        self.input_names = ["control", "noise"] + [f"state_in.{n}" for n in self.state_names]
+        self.output_names = ["audio"] + [f"state_out.{n}" for n in self.state_names]
+
+    def _check_signature(self, graph: Path) -> None:
+        m = self.manifest
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        expect_in: dict[str, tuple] = {"control": (None, None, len(m.controls)), "noise": (None, None, m.noise)}
+        expect_out: dict[str, tuple] = {"audio": (None, None)}
+        for s in m.states:
+            shape = tuple(None if d == BATCH else d for d in s.shape)
+            expect_in[f"state_in.{s.name}"] = shape
+            expect_out[f"state_out.{s.name}"] = shape
+        for kind, have, want in (("input", inputs, expect_in), ("output", outputs, expect_out)):
+            if set(have) != set(want):
+                raise ModelError(
+                    f"{graph}: graph {kind}s {sorted(have)} do not match the manifest's {sorted(want)} "
+                    f"(fields 'controls', 'noise', 'states')"
+                )
+            for name, shape in want.items():
+                got = have[name]
+                ok = len(got) == len(shape) and all(
+                    w is None or not isinstance(g, int) or g == w for g, w in zip(got, shape, strict=True)
+                )
+                if not ok:
+                    raise ModelError(f"{graph}: {kind} '{name}' has shape {got}, the manifest implies {shape}")
+
+    def zero_states(self, batch: int) -> dict[str, np.ndarray]:
+        return {s.name: np.zeros(s.concrete(batch), np.float32) for s in self.manifest.states}
+
+    def run(
+        self, control: np.ndarray, noise: np.ndarray, states: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feeds = {"control": control, "noise": noise}
+        for name in self.state_names:
+            feeds[f"state_in.{name}"] = states[name]
+        audio, *outs = self.session.run(self.output_names, feeds)
+        return audio, dict(zip(self.state_names, outs, strict=True))

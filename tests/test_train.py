@@ -1,0 +1,36 @@
+"""`wavecast train instrument --quick`: data, training, export, verification and publishing, for real."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from models.store import ModelStore
+from streaming.analysis import estimate_f0
+from streaming.engine import render
+from streaming.model import FrameModel
+from tests.conftest import ROOT, wavecast_command
+
+pytest.importorskip("torch", reason="training needs the 'train' extra: pip install -e '.[train]'")
+
+
+@pytest.mark.slow
+def test_quick_training_publishes_a_verified_model(tmp_path: Path) -> None:
+    store, work = tmp_path / "store", tmp_path / "work"
+    cmd = [*wavecast_command(), "train", "instrument", "--quick", "--name", "quick", "--work", str(work),
+           "--store", str(store)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "published quick v1" in result.stderr
+    entry = ModelStore(store).resolve("quick")
+    model = FrameModel(entry.directory)
+    m = model.manifest
+    assert m.training["command"].startswith("wavecast train instrument --quick")
+    assert m.training["steps"] == 600 and m.training["data"]["program"] == 73
+    assert m.verification["parity"]["steps"] >= 200 and m.verification["parity"]["max_abs_audio"] < 1e-4
+    audio = render(model, 1.0, 0, {"f0": 440.0, "loudness": -20.0})
+    assert abs(estimate_f0(audio[24_000:], 48_000) / 440 - 1) < 0.01
+    # A finished run leaves no checkpoint behind to resume from.
+    assert list((work / "runs").glob("quick-*.pt")) == []
