@@ -73,7 +73,7 @@ def sample_batch(
         control[i, :, 0] = p.f0[start : start + frames]
         control[i, :, 1] = p.loudness[start : start + frames]
         target[i] = p.audio[start * data.HOP : (start + frames) * data.HOP]
-    noise = rng.standard_normal((batch, frames, noise_width), dtype=np.float32)
+    noise = rng.random((batch, frames, noise_width), dtype=np.float32)
     phase = rng.random((batch, 1), dtype=np.float32)
     return tuple(torch.from_numpy(a) for a in (control, noise, target, phase))
 

@@ -79,7 +79,7 @@ class Group:
         for i, s in enumerate(streams):
             slots[i] = s.slot
             s.smoother.step(self.control[i, 0])
-            s.rng.standard_normal(out=self.noise[i, 0], dtype=np.float32)
+            s.rng.random(out=self.noise[i, 0], dtype=np.float32)
         states = {}
         for spec in self.manifest.states:
             view = self.gathered[spec.name][self._index(spec.batch_axis, slice(0, n))]
