@@ -1,7 +1,7 @@
 """`wavecast train instrument`: render data, train, export to ONNX, verify, publish. Read top to bottom.
 
 Training is resumable: a checkpoint is written every CHECKPOINT_EVERY steps into the work directory and
-picked up again by the same command (same recipe and model settings).
+picked up again by the same command (same recipe, settings and model code).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import data
+from models import data, instrument
 from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from models.instrument import Instrument, InstrumentConfig
 from models.store import ModelStore
@@ -103,8 +103,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     cfg = InstrumentConfig(hidden=args.hidden)
     model = Instrument(cfg).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames,
-                "lr": args.lr, "seed": args.seed}
+    model_code = hashlib.sha256(Path(instrument.__file__).read_bytes()).hexdigest()[:12]
+    settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
+                "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     ckpt_path = work / "runs" / f"{args.name}-{digest}.pt"
     first, history = 0, []
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         optimizer.step()
-        history.append(float(loss))
+        history.append(loss.item())
         done = step + 1
         if done % 25 == 0 or done == steps:
             rate = (time.time() - t0) / (done - last)

@@ -24,7 +24,7 @@ from streaming.model import FrameModel
 from streaming.ring import Reader, RingBuffer
 
 log = logging.getLogger("wavecast.engine")
-RING_SECONDS = 2.0
+RING_SECONDS = 0.5  # a listener that falls this far behind skips ahead
 
 
 class Group:
