@@ -53,6 +53,11 @@ class Smoother:
             targets[self.names.index(name)] = value
         self.targets = targets  # one reference swap: the engine sees the old or the new array, never a mix
 
+    def jump(self, values: np.ndarray) -> None:
+        """Take `values` (all controls, manifest order) now, unsmoothed: for control curves already smooth."""
+        self.targets = np.asarray(values, np.float32).copy()
+        self.current = self.targets.copy()
+
     def step(self, out: np.ndarray) -> None:
         """Advance one frame and write the smoothed values into `out`."""
         self.current += self.alpha * (self.targets - self.current)

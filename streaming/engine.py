@@ -246,11 +246,12 @@ class Engine:
 
 def render(
     model: FrameModel, seconds: float, seed: int, controls: Mapping[str, float],
-    timeline: list[tuple[float, Mapping[str, float]]] = (),
+    timeline: list[tuple[float, Mapping[str, float]]] = (), curves: np.ndarray | None = None,
 ) -> np.ndarray:
     """The engine's output for one stream without a clock: the same code path as live streaming.
 
     `timeline` holds (time in seconds, controls) changes applied at the first frame at or after that time.
+    `curves` [frames, C] (manifest order) gives every frame's controls exactly, bypassing the smoother.
     """
     engine = Engine(buffer_frames=1)
     stream = engine.create_stream(engine.add_model(model), seed, controls)
@@ -264,6 +265,8 @@ def render(
         while nxt is not None and nxt[0] <= i * model.manifest.frame_seconds + 1e-9:
             stream.smoother.set(nxt[1])
             nxt = next(pending, None)
+        if curves is not None:
+            stream.smoother.jump(curves[i])
         engine.tick()
         reader.read(out[i * hop : (i + 1) * hop])
     return out

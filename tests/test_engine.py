@@ -176,3 +176,12 @@ def test_ring_is_safe_across_threads() -> None:
         ring.write(np.arange(i * 480, (i + 1) * 480, dtype=np.float32))
     t.join(10)
     assert np.array_equal(np.concatenate(got), np.arange(20 * 480, dtype=np.float32))
+
+
+def test_control_curves_bypass_the_smoother(default_model: FrameModel) -> None:
+    frames = 100
+    curves = np.tile(np.array([[440.0, -20.0]], np.float32), (frames, 1))
+    curves[50:, 0] = 660.0
+    audio = render(default_model, 1.0, 3, {}, curves=curves)
+    assert abs(pitch(audio[30 * 480 : 50 * 480]) / 440 - 1) < 0.01
+    assert abs(pitch(audio[52 * 480 :]) / 660 - 1) < 0.01  # two frames after the jump: no glide
