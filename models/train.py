@@ -108,13 +108,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     ckpt_path = work / "runs" / f"{args.name}-{digest}.pt"
-    first, history = 0, []
+    first, history, earlier_seconds = 0, [], 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=args.device)
         if ckpt["settings"] == settings:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            first, history = ckpt["step"], ckpt["history"]
+            first, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
             log(f"resuming from {ckpt_path} at step {first}")
 
     rng = np.random.default_rng(args.seed + first)
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": done, "history": history}, tmp)
+                        "step": done, "history": history, "seconds": earlier_seconds + time.time() - started}, tmp)
             os.replace(tmp, ckpt_path)
     heldout_loss = evaluate(model, dataset.heldout, min(frames, 100), args.device)
     log(f"held-out spectral loss {heldout_loss:.4f}")
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "training": {
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
                 "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
-                "seconds": round(time.time() - started, 1), "device": args.device,
+                "seconds": round(earlier_seconds + time.time() - started, 1), "device": args.device,
                 "final_loss": float(np.mean(history[-25:])), "heldout_loss": heldout_loss,
                 "code_revision": code_revision(), "torch": torch.__version__,
             },
