@@ -115,8 +115,11 @@ class Instrument(nn.Module):
         y, (h_out, c_out) = self.lstm(self.inp(features), (h, c))
         params = self.out(torch.cat([y, features], dim=-1))
 
+        # The loudness control sets the frame's level outright (as the oscillator sets its pitch); the network
+        # learns a correction around it. Without this, training can sink into near-silence for a long time.
+        level = torch.pow(10.0, control[..., 1:2] / 20.0)  # target RMS of the frame
         # Harmonic amplitudes: overall amplitude x distribution, silent above Nyquist.
-        amplitude = exp_sigmoid(params[..., :1])
+        amplitude = 2.0 * level * exp_sigmoid(params[..., :1])
         below_nyquist = (f0 * self.harmonic_numbers < cfg.sample_rate / 2).float()
         dist = torch.softmax(params[..., 1 : 1 + cfg.harmonics], dim=-1) * below_nyquist
         dist = dist / (dist.sum(dim=-1, keepdim=True) + 1e-7)
@@ -141,7 +144,7 @@ class Instrument(nn.Module):
         harmonic = partial[:, :, 0] + (partial[:, :, 1] - partial[:, :, 0]) * self.ramp
 
         # Filtered noise: grains of random spectrum shaped by the band gains, overlap-added at half a grain.
-        gains = exp_sigmoid(params[..., 1 + cfg.harmonics :] - 5.0)  # [B,F,bands]
+        gains = level * exp_sigmoid(params[..., 1 + cfg.harmonics :] - 3.0)  # [B,F,bands]
         response = torch.matmul(gains, self.band_to_bin).repeat(1, 1, 2).unsqueeze(2)  # [B,F,1,2*bins]
         half = cfg.noise_window // 2
         grains_per_frame = cfg.hop // half
