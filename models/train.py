@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,8 +174,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             worst = ", ".join(f"{f} Hz: {e:.2%}" for f, e in pitch["f0_relative_error"].items() if e > PITCH_LIMIT)
             problems.append(f"pitch error above {PITCH_LIMIT:.0%} at {worst}")
         if problems:
-            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published "
-                             f"(train longer with --steps, or check the data)")
+            rejected = work / "rejected" / args.name
+            shutil.rmtree(rejected, ignore_errors=True)
+            shutil.copytree(candidate, rejected)
+            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published and is "
+                             f"kept for inspection in {rejected} (train longer with --steps, or check the data)")
         final = {
             **manifest.to_dict(),
             "source": {"soundfont": data.SOUNDFONT.name, "gm_program": recipe.program,

@@ -1,0 +1,198 @@
+"""Quality metrics for a neural instrument, all driven by the same exact per-frame controls as the data.
+
+Numpy only (plus `streaming.analysis` and `models.data.loudness_db`), so the bench, the tests and a
+future verification step can use them without torch:
+
+- `spectral_distance`: the training loss's multi-scale spectral distance, computed the same way.
+- `baseline`: a dumb band-limited sawtooth + noise following the controls; the model must beat it.
+- `pitch_error_cents`: a pitch tracker on the output against the f0 control, on steady voiced frames.
+- `loudness_correlation`: measured frame loudness against the loudness control.
+- `count_clicks`: isolated sample-to-sample jumps far beyond the signal's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, loudness_db
+from streaming.analysis import estimate_f0
+
+FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # as models/train.py
+
+
+def stft_magnitude(x: np.ndarray, n: int) -> np.ndarray:
+    """|STFT| [bins, frames] exactly as `torch.stft(x, n, n // 4, window=hann_window(n))` with its defaults:
+    periodic Hann window, centred frames (reflect padding by n // 2), one-sided, unnormalised."""
+    hop = n // 4
+    padded = np.pad(np.asarray(x, np.float64), n // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n)[::hop]
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+    return np.abs(np.fft.rfft(frames * window, axis=1)).T
+
+
+def spectral_distance(a: np.ndarray, b: np.ndarray, sizes: tuple[int, ...] = FFT_SIZES) -> float:
+    """Mean over FFT sizes of mean |Sa - Sb| + mean |log(Sa + 1e-5) - log(Sb + 1e-5)| (STFT magnitudes,
+    Hann window, hop size/4): `models.train.spectral_loss` for one signal, so it reads like the training
+    loss. The signals are cut to the shorter one's length."""
+    n = min(len(a), len(b))
+    if n <= max(sizes) // 2:
+        raise ValueError(f"need more than {max(sizes) // 2} samples, got {n}")
+    total = 0.0
+    for size in sizes:
+        sa, sb = stft_magnitude(a[:n], size), stft_magnitude(b[:n], size)
+        total += float(np.mean(np.abs(sa - sb)) + np.mean(np.abs(np.log(sa + 1e-5) - np.log(sb + 1e-5))))
+    return total / len(sizes)
+
+
+def _per_sample(frame_values: np.ndarray, samples: int, hop: int) -> np.ndarray:
+    """Linear interpolation of per-frame values (at frame centres) to every sample; held at the ends."""
+    centres = np.arange(len(frame_values)) * hop + hop / 2
+    return np.interp(np.arange(samples), centres, np.asarray(frame_values, np.float64))
+
+
+def baseline(f0: np.ndarray, loudness: np.ndarray, seed: int = 0, sample_rate: int = SAMPLE_RATE,
+             hop: int = HOP) -> np.ndarray:
+    """The honest dumb baseline: a band-limited sawtooth plus white noise 20 dB below it, following the
+    same per-frame controls as the model. float32, len(f0) * hop samples.
+
+    The sawtooth sums sin(k*phase)/k over the harmonics below Nyquist; each harmonic fades out over the
+    last 5 % below Nyquist so that a glide does not switch harmonics on and off (a click). f0 is linearly
+    interpolated between frame centres and integrated, so the phase is continuous. The carrier is
+    normalised to unit RMS sample by sample; a gain interpolated linearly between frame centres (no
+    steps, so no clicks) then sets the level, its knots refined so that each frame's RMS matches the
+    loudness control (`loudness_db` of the result ~= `loudness`, within about 1 dB where a frame holds a
+    few periods, i.e. above ~150 Hz; lower, a 10 ms frame's RMS depends on which part of the period it
+    holds, in the rendered data as here). Frames at the loudness floor
+    (LOUDNESS_FLOOR_DB, meaning "this quiet or quieter") get gain 0: silence, as in the rendered data.
+    """
+    frames = len(f0)
+    if len(loudness) != frames:
+        raise ValueError(f"f0 has {frames} frames, loudness {len(loudness)}")
+    loudness = np.asarray(loudness, np.float64)
+    target = np.where(loudness > LOUDNESS_FLOOR_DB, 10.0 ** (loudness / 20.0), 0.0)
+    audible = np.convolve(target > 0, np.ones(3), mode="same") > 0  # a frame takes gain from its neighbours
+    samples = frames * hop
+    nyquist = sample_rate / 2
+    freq = np.clip(_per_sample(f0, samples, hop), 1.0, nyquist)
+    cycles = np.cumsum(freq / sample_rate)
+    cycles -= np.floor(cycles)
+    saw, power = np.zeros(samples), np.ones(samples)
+    for i in np.nonzero(audible)[0]:  # one frame at a time keeps the [hop, harmonics] matrices small
+        part = slice(i * hop, (i + 1) * hop)
+        k = np.arange(1, int(nyquist / freq[part].min()) + 1)
+        fade = (np.clip(20.0 * (1.0 - np.outer(freq[part], k) / nyquist), 0.0, 1.0) / k).astype(np.float32)
+        # float32 sin is ~5x faster than float64; its phase error (< 1e-3 rad at k = 800) is inaudible.
+        saw[part] = np.einsum("ij,ij->i", np.sin(np.outer(2.0 * np.pi * cycles[part], k).astype(np.float32)), fade)
+        power[part] = 0.5 * np.einsum("ij,ij->i", fade, fade)
+    rng = np.random.default_rng(seed)
+    carrier = saw / np.sqrt(power) + 0.1 * rng.standard_normal(samples)
+
+    # Gain knots such that each frame's RMS of the interpolated gain curve is the target: the carrier has
+    # unit RMS on average, so this matches the loudness without chasing the carrier's own frame-to-frame
+    # RMS wobble (a frame holds less than a period below 100 Hz), which would break its periodicity.
+    gains = target.copy()
+    for _ in range(4):
+        rms = np.sqrt(np.mean(_per_sample(gains, samples, hop).reshape(frames, hop) ** 2, axis=1))
+        gains *= np.where(target > 0, target / np.maximum(rms, 1e-12), 0.0)
+    out = carrier * _per_sample(gains, samples, hop) / np.sqrt(1.01)  # carrier RMS: sqrt(1 + 0.1^2)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def steady_frames(f0: np.ndarray, loudness: np.ndarray, min_db: float = -45.0, samples: int | None = None,
+                  sample_rate: int = SAMPLE_RATE, hop: int = HOP, window_s: float = 0.06) -> list[tuple[int, int]]:
+    """The frames `pitch_error_cents` measures, each with its window length in samples.
+
+    A frame's window is centred on the frame centre and lasts `window_s`, or longer for low notes: it must
+    hold two periods of the tracker's lowest search frequency f0 / 2.2 (YIN's need), e.g. 138 ms at 32 Hz.
+    A frame is kept when every frame its window touches has loudness > `min_db` (voiced: no onsets, no
+    release tails, no rests) and f0 within 1 % (max / min <= 1.01: no note changes or glides; vibrato up
+    to about +-8 cents passes), and the window lies inside the audio (`samples`, default len(f0) * hop).
+    """
+    f0, loudness = np.asarray(f0, np.float64), np.asarray(loudness, np.float64)
+    samples = len(f0) * hop if samples is None else samples
+    kept = []
+    for i in range(len(f0)):
+        if loudness[i] <= min_db or f0[i] <= 0:
+            continue
+        length = max(int(window_s * sample_rate), 2 * int(np.ceil(sample_rate / (f0[i] / 2.2))) + 2)
+        start = i * hop + hop // 2 - length // 2
+        if start < 0 or start + length > samples:
+            continue
+        span = slice(start // hop, (start + length - 1) // hop + 1)
+        if loudness[span].min() > min_db and f0[span].max() <= 1.01 * f0[span].min():
+            kept.append((i, length))
+    return kept
+
+
+def pitch_error_cents(audio: np.ndarray, f0: np.ndarray, loudness: np.ndarray, min_db: float = -45.0,
+                      sample_rate: int = SAMPLE_RATE, hop: int = HOP) -> np.ndarray:
+    """1200 * log2(measured / f0) at each frame `steady_frames` keeps (see there for which frames).
+
+    The tracker is `streaming.analysis.estimate_f0` (YIN) on the output, searching f0 / 2.2 .. f0 * 2.2:
+    octave errors of the output show up as about +-1200 cents, not hidden. Where it finds no pitch (the
+    output is unvoiced although the control is voiced) the error is nan; callers report those apart.
+    """
+    f0 = np.asarray(f0, np.float64)
+    errors = []
+    for i, length in steady_frames(f0, loudness, min_db, len(audio), sample_rate, hop):
+        start = i * hop + hop // 2 - length // 2
+        measured = estimate_f0(audio[start : start + length], sample_rate,
+                               fmin=f0[i] / 2.2, fmax=min(f0[i] * 2.2, sample_rate / 4))
+        errors.append(1200.0 * np.log2(measured / f0[i]) if np.isfinite(measured) else np.nan)
+    return np.array(errors, np.float64)
+
+
+def loudness_correlation(audio: np.ndarray, loudness: np.ndarray, hop: int = HOP, floor_db: float = -70.0) -> float:
+    """Pearson correlation of `loudness_db(audio)` with the loudness control, over the frames where either
+    is above `floor_db` (shared silence would agree trivially and inflate it). nan if undefined."""
+    measured = loudness_db(audio, hop).astype(np.float64)
+    n = min(len(measured), len(loudness))
+    measured, control = measured[:n], np.asarray(loudness, np.float64)[:n]
+    keep = (measured > floor_db) | (control > floor_db)
+    if keep.sum() < 2 or measured[keep].std() == 0 or control[keep].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(measured[keep], control[keep])[0, 1])
+
+
+def count_clicks(audio: np.ndarray, k: float = 4.0, floor: float = 2e-3, window: int = 480,
+                 percentile: float = 99.0, merge: int = 48) -> int:
+    """Clicks: sample-to-sample jumps far beyond the signal's own nearby jumps.
+
+    With d[n] = |x[n+1] - x[n]|, a jump is flagged when d[n] > k * scale(n) and d[n] > `floor` (so
+    near-silent noise and dither never count), where scale(n) is the `percentile` of d over the
+    surrounding `window` samples (10 ms at 48 kHz; computed every 48 samples and held; zeros beyond the
+    ends). Flagged jumps less than `merge` samples apart (1 ms) count as one click, so a one-sample
+    dropout (a jump down and one back up) is one click.
+
+    Why a high percentile and not the median: a bright periodic waveform (a 2 kHz sawtooth, 24 samples a
+    period) has one big jump per period, 12-24x its median jump, as large relative to the median as a
+    0.1 step in a -20 dB 440 Hz sine (about 12x). The 99th percentile of 481 samples is about the 6th
+    largest jump nearby, so it includes a periodic waveform's own jumps (ratio ~1) but not a few isolated
+    clicks (scale ~ the signal's ordinary slope: the 0.1 step reads about 12x), and a click at every
+    frame boundary (one per 480 samples) still counts, once per frame.
+    Why k = 4: white noise peaks at about 2x its own 99th percentile over 20 s; FluidSynth renders of
+    flute, violin, cello, trumpet, clarinet, piano and guitar peak at 1.2-1.8x, sweeps and fast (5 ms)
+    attacks at 1.0x. The smallest jump counted is k times the local slope: 0.033 in a -20 dB 440 Hz sine.
+
+    Limit: a waveform with a full-band discontinuity in every period, like an ideal band-limited sawtooth
+    (1/k up to Nyquist) below ~1 kHz or GM program 80 (square lead), has fewer than 6 such jumps in 10 ms
+    and counts as clicks: physically it is a click train. Recorded instruments roll their harmonics off,
+    so their edges span several samples and do not count.
+    """
+    x = np.asarray(audio, np.float64)
+    if len(x) < 2:
+        return 0
+    d = np.abs(np.diff(x))
+    stride, half = 48, window // 2
+    # Window j is centred on d[j * stride + stride // 2] and serves d[j * stride : (j + 1) * stride].
+    padded = np.concatenate([np.zeros(half - stride // 2), d, np.zeros(half + stride)])
+    kth = int(round(percentile / 100.0 * window))
+    scale = np.empty((len(d) + stride - 1) // stride)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window + 1)[::stride][: len(scale)]
+    for first in range(0, len(scale), 4096):  # bounded memory: 4096 windows at a time
+        rows = windows[first : first + 4096]
+        scale[first : first + len(rows)] = np.partition(rows, kth, axis=1)[:, kth]
+    flagged = np.nonzero((d > floor) & (d > k * np.repeat(scale, stride)[: len(d)]))[0]
+    if len(flagged) == 0:
+        return 0
+    return int(1 + np.count_nonzero(np.diff(flagged) >= merge))

@@ -1,0 +1,60 @@
+"""bench/engine.py runs end to end (--quick) on the shipped model and writes the JSON it promises.
+
+Timings on CI are noise, so this checks the shape of the results and that the numbers are positive, not speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "shipped" / "default"
+
+
+def positive(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.skipif(not (MODEL / "model.json").is_file(), reason="no shipped default model yet")
+def test_engine_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "e.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "bench/engine.py", "--quick", "--model-dir", str(MODEL), "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Engine tick" in proc.stdout and "x real time" in proc.stdout
+    r = json.loads(out.read_text())
+
+    assert r["model"]["hop"] > 0 and r["model"]["sample_rate"] > 0
+    assert [row["streams"] for row in r["ticks"]] == [1, 16]
+    for row in r["ticks"]:
+        for key in ("median_us", "p99_us", "us_per_stream_frame", "realtime_factor", "ort_call_us"):
+            assert positive(row[key]), (key, row)
+        assert row["ticks"] >= 5
+    for row in r["batching"]:
+        assert all(positive(row[k]) for k in ("batched_us_per_stream", "loop_us_per_stream", "ratio")), row
+    torch_part = r["ort_vs_torch"]
+    assert "skipped" in torch_part or all(positive(x[k]) for x in torch_part["rows"] for k in ("ort_us", "torch_us"))
+
+    mem = r["memory"]
+    assert all(positive(mem[k]) for k in ("state_bytes", "ring_bytes", "total_bytes", "traced_bytes"))
+    assert mem["total_bytes"] >= mem["state_bytes"] + mem["ring_bytes"]
+
+    assert [row["f0"] for row in r["pitch"]] == [55.0, 110.0, 220.0, 440.0, 880.0, 1760.0]
+    for row in r["pitch"]:  # measured may be None where no pitch is found; the bench reports, it does not judge
+        assert row["measured"] is None or positive(row["measured"])
+
+    roof = r["roofline"]
+    assert "skipped" in roof or all(positive(roof[k]) for k in ("macs_per_frame", "peak_gflops", "fraction"))
+    prof = r["profile"]
+    assert prof["rows"][-1]["op"] == "(total)" and positive(prof["rows"][-1]["us_b1"])
+    assert "cuda_ticks" not in r  # only with --device cuda

@@ -1,0 +1,162 @@
+"""models.quality on signals with known answers, and bench/quality.py end to end (--quick)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import data, quality
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "shipped" / "default"
+SR, HOP = data.SAMPLE_RATE, data.HOP
+
+
+def sine(f0: float, db: float, samples: int, phase: float = 0.0) -> np.ndarray:
+    """A sine at `db` dBFS RMS (full-scale sine = -3 dB)."""
+    amplitude = 10 ** ((db + 3) / 20)
+    return amplitude * np.sin(2 * np.pi * f0 * np.arange(samples) / SR + phase)
+
+
+def test_spectral_distance_is_zero_for_equal_signals_and_grows_with_noise() -> None:
+    rng = np.random.default_rng(0)
+    x = sine(220, -20, SR // 2) + 0.5 * sine(440, -20, SR // 2)
+    noise = rng.standard_normal(len(x))
+    assert quality.spectral_distance(x, x) == 0.0
+    distances = [quality.spectral_distance(x, x + level * noise) for level in (1e-4, 1e-3, 1e-2, 1e-1)]
+    assert all(a < b for a, b in zip(distances, distances[1:], strict=False)), distances
+
+
+def test_spectral_distance_matches_the_training_loss() -> None:
+    torch = pytest.importorskip("torch")
+    train = pytest.importorskip("models.train")
+    rng = np.random.default_rng(1)
+    a = (sine(330, -20, 9600) + 0.01 * rng.standard_normal(9600)).astype(np.float32)
+    b = (sine(331, -25, 9600) + 0.02 * rng.standard_normal(9600)).astype(np.float32)
+    expected = float(train.spectral_loss(torch.from_numpy(a)[None], torch.from_numpy(b)[None]))
+    assert quality.spectral_distance(a, b) == pytest.approx(expected, rel=1e-3)
+
+
+def test_baseline_follows_loudness_and_pitch() -> None:
+    # Silence, a steady 220 Hz note, a crescendo, a glide up a fifth, a steady 330 Hz note, silence.
+    f0 = np.concatenate([np.full(90, 220.0), np.geomspace(220, 330, 20), np.full(70, 330.0)])
+    loudness = np.concatenate([np.full(10, -80.0), np.full(40, -30.0), np.linspace(-30, -12, 40),
+                               np.full(80, -12.0), np.full(10, -80.0)])
+    audio = quality.baseline(f0, loudness, seed=3)
+    assert audio.dtype == np.float32 and len(audio) == len(f0) * HOP
+    assert np.all(audio[: 9 * HOP] == 0) and np.all(audio[-9 * HOP :] == 0)  # floor frames are silent
+    measured = data.loudness_db(audio)
+    steady = np.r_[12:48, 52:168]  # all but the frames next to the loudness steps
+    assert np.abs(measured[steady] - loudness[steady]).max() < 1.0
+    cents = quality.pitch_error_cents(audio, f0, loudness)
+    assert len(cents) > 100 and np.all(np.abs(cents) < 3), cents
+    assert np.array_equal(audio, quality.baseline(f0, loudness, seed=3))
+
+
+def test_pitch_error_of_pure_sines() -> None:
+    f0, loudness = np.full(60, 440.0), np.full(60, -20.0)
+    exact = quality.pitch_error_cents(sine(440, -20, 60 * HOP), f0, loudness)
+    sharp = quality.pitch_error_cents(sine(440 * 2 ** (50 / 1200), -20, 60 * HOP), f0, loudness)
+    assert len(exact) >= 50 and np.abs(exact).max() < 0.5
+    assert len(sharp) == len(exact) and np.abs(sharp - 50).max() < 0.5
+    low = quality.pitch_error_cents(sine(55, -20, 60 * HOP), np.full(60, 55.0), loudness)
+    assert len(low) > 0 and np.abs(low).max() < 0.5  # a longer window (two periods of 25 Hz) fits
+
+
+def test_pitch_error_measures_only_steady_voiced_frames() -> None:
+    f0 = np.concatenate([np.full(50, 440.0), np.full(50, 660.0)])  # a note change at frame 50
+    loudness = np.concatenate([np.full(80, -20.0), np.full(20, -60.0)])  # quiet from frame 80
+    audio = np.concatenate([sine(440, -20, 50 * HOP), sine(660, -20, 30 * HOP), sine(660, -60, 20 * HOP)])
+    frames = [i for i, _ in quality.steady_frames(f0, loudness)]
+    assert frames and all(3 <= i <= 46 or 53 <= i <= 76 for i in frames), frames  # 60 ms windows: +-3 frames
+    assert np.abs(quality.pitch_error_cents(audio, f0, loudness)).max() < 0.5
+
+
+def test_loudness_correlation() -> None:
+    rng = np.random.default_rng(2)
+    ramp = np.linspace(-60, -10, 200)
+    following = sine(440, 0, 200 * HOP) * np.repeat(10 ** ((ramp + 3) / 20), HOP)
+    assert quality.loudness_correlation(following, ramp) > 0.99
+    unrelated = sine(440, 0, 200 * HOP) * np.repeat(10 ** ((rng.uniform(-60, -10, 200) + 3) / 20), HOP)
+    assert abs(quality.loudness_correlation(unrelated, ramp)) < 0.3
+
+
+def clicks_in(x: np.ndarray) -> int:
+    return quality.count_clicks(x.astype(np.float32))
+
+
+def test_clean_signals_have_no_clicks() -> None:
+    rng = np.random.default_rng(3)
+    t = np.arange(2 * SR) / SR
+    sweep = 0.5 * np.sin(2 * np.pi * np.cumsum(50 * 40 ** (t / 2)) / SR)  # 50 Hz -> 2 kHz
+    naive_saw = 0.5 * (2 * ((2000 * t) % 1) - 1)
+    band_limited_saw = quality.baseline(np.full(100, 2000.0), np.full(100, -12.0))
+    attack = np.concatenate([np.zeros(4800), np.minimum(1, np.arange(SR) / (0.005 * SR))]) * sine(440, -6, SR + 4800, 1)
+    dither = 1e-5 * rng.standard_normal(SR)
+    dither[1000] = 5e-4  # a spike in near silence: below the absolute floor
+    for name, x in {"sweep": sweep, "naive sawtooth 2 kHz": naive_saw, "band-limited sawtooth 2 kHz": band_limited_saw,
+                    "white noise": 0.1 * rng.standard_normal(5 * SR), "5 ms attack": attack, "dither": dither}.items():
+        assert clicks_in(x) == 0, name
+
+
+def test_clicks_are_counted_once_each() -> None:
+    x = sine(440, -20, SR)
+    step = x.copy()
+    step[20000:] += 0.1
+    impulse = x.copy()
+    impulse[20000] += 0.1
+    dropout = x.copy()
+    n = 20000 + int(np.argmax(np.abs(x[20000:20110])))  # at a peak, where a dropout is a jump
+    dropout[n] = 0.0
+    two = step.copy()
+    two[30000:] -= 0.1
+    assert clicks_in(x) == 0
+    assert (clicks_in(step), clicks_in(impulse), clicks_in(dropout), clicks_in(two)) == (1, 1, 1, 2)
+    at_frames = x.copy()  # a small discontinuity at every frame boundary: the model bug to catch
+    for start in range(HOP, len(x), HOP):
+        at_frames[start:] += 0.05 * (-1) ** (start // HOP)
+    assert clicks_in(at_frames) == len(x) // HOP - 1
+
+
+@pytest.mark.skipif(shutil.which("fluidsynth") is None or not data.SOUNDFONT.exists(),
+                    reason="needs fluidsynth and the GM SoundFont (Debian: fluidsynth fluid-soundfont-gm)")
+@pytest.mark.skipif(not (MODEL / "model.json").is_file(), reason="no shipped default model")
+def test_quality_bench_quick(tmp_path: Path) -> None:
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "bench/quality.py", "--quick", "--model-dir", str(MODEL), "--work", str(tmp_path / "work"),
+         "--out", str(out), "--png", str(png)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ratio model / baseline" in proc.stdout
+    r = json.loads(out.read_text())
+    assert set(r["targets"]) == {"spectral_ratio", "pitch_median_cents", "pitch_p95_cents",
+                                 "loudness_correlation", "clicks"}
+    [m] = r["models"]
+    assert m["name"] == "default" and m["heldout_evaluated"] == 1 and m["data"]["key_matches_training"]
+
+    def finite(x: object) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    assert all(finite(m["spectral_distance"][k]) for k in ("model", "baseline", "ratio", "silence"))
+    for k in ("model", "baseline", "reference"):
+        assert m["pitch_cents"][k]["frames"] > 0
+        assert all(finite(m["pitch_cents"][k][s]) for s in ("median", "p95", "unvoiced_fraction"))
+    assert all(finite(m["loudness_correlation"][k]) for k in ("model", "baseline"))
+    assert all(isinstance(m["clicks"][k], int) for k in ("model", "reference"))
+    assert set(m["checks"]) == set(r["targets"]) and all(isinstance(c["pass"], bool) for c in m["checks"].values())
+    assert isinstance(m["pass"], bool)
+    if isinstance(r["plot"], str):
+        assert png.stat().st_size > 0
+    else:
+        assert "skipped" in r["plot"]
