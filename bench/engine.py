@@ -347,7 +347,7 @@ def report(r: dict) -> str:
     out.append(table("Where the time goes: ORT kernel time by op type", prof, cols,
                      f"{prof['kernels_per_run']} kernels per run; the profiler inflates small kernels, so totals exceed"
                      f" untraced timings.\nOutside ORT, the engine's numpy noise for one stream-frame ({m['noise']} "
-                     f"normals) takes {prof['engine_noise_us_per_stream']:.1f} us"))
+                     f"uniform draws) takes {prof['engine_noise_us_per_stream']:.1f} us"))
     out.append(table("Memory per stream, bytes", mem, [
         ("state", "state_bytes"), ("batch scratch", "batch_scratch_bytes"),
         (f"ring ({mem['ring_seconds']:g} s)", "ring_bytes"), ("total", "total_bytes"), ("traced", "traced_bytes")],
