@@ -89,7 +89,7 @@ def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, devi
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
-    started = time.time()
+    started, revision = time.time(), code_revision()  # the code this run starts with
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     steps = args.steps or (600 if args.quick else 3000)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
                 "seconds": round(earlier_seconds + time.time() - started, 1), "device": args.device,
                 "final_loss": float(np.mean(history[-25:])), "heldout_loss": heldout_loss,
-                "code_revision": code_revision(), "torch": torch.__version__,
+                "code_revision": revision, "torch": torch.__version__,
             },
             "verification": {"parity": parity, "parity_limit": PARITY_LIMIT, "pitch": pitch,
                              "pitch_limit": PITCH_LIMIT},
