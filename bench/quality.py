@@ -24,18 +24,11 @@ from typing import Any
 import numpy as np
 
 from models import data, quality
-from streaming.engine import render
+from models.store import QUALITY_TARGETS, meets
 from streaming.model import FrameModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "shipped"
-TARGETS = {  # the issue's gates; "max" = at most, "below" = less than, "above" = more than
-    "spectral_ratio": ("max", 0.7),
-    "pitch_median_cents": ("below", 10.0),
-    "pitch_p95_cents": ("below", 30.0),
-    "loudness_correlation": ("above", 0.95),
-    "clicks": ("max", 0),
-}
 PLOT_SECONDS = 4.0
 
 
@@ -83,32 +76,9 @@ def heldout(recipe: data.Recipe, work: Path, quick: bool) -> list[data.Performan
     return perfs[:1] if quick else perfs
 
 
-def pitch_summary(cents: np.ndarray) -> dict[str, Any]:
-    """Median and p95 of |error| over frames where a pitch was found; the unvoiced share reported apart."""
-    found = np.abs(cents[np.isfinite(cents)])
-    return {
-        "median": float(np.median(found)) if len(found) else None,
-        "p95": float(np.percentile(found, 95)) if len(found) else None,
-        "frames": int(len(cents)),
-        "unvoiced_fraction": float(1.0 - len(found) / len(cents)) if len(cents) else None,
-    }
-
-
 def check(name: str, value: float | None) -> dict[str, Any]:
-    kind, target = TARGETS[name]
-    ok = value is not None and math.isfinite(value) and {
-        "max": value <= target, "below": value < target, "above": value > target}[kind]
-    return {"value": value, "target": target, "kind": kind, "pass": bool(ok)}
-
-
-def curves_for(model: FrameModel, perf: data.Performance) -> np.ndarray:
-    """[frames, C] controls in manifest order: f0 and loudness from the data, any others at default."""
-    names = [c.name for c in model.manifest.controls]
-    if not {"f0", "loudness"} <= set(names):
-        raise SystemExit(f"{model.directory}: an instrument needs controls f0 and loudness, has {names}")
-    columns = {"f0": perf.f0, "loudness": perf.loudness}
-    return np.stack([columns.get(c.name, np.full(len(perf.f0), c.default, np.float32))
-                     for c in model.manifest.controls], axis=1).astype(np.float32)
+    kind, target = QUALITY_TARGETS[name]
+    return {"value": value, "target": target, "kind": kind, "pass": meets(kind, value, target)}
 
 
 def evaluate(model_dir: Path, work: Path, seconds: float | None, quick: bool, seed: int) -> tuple[dict, dict]:
@@ -126,68 +96,17 @@ def evaluate(model_dir: Path, work: Path, seconds: float | None, quick: bool, se
     perfs = heldout(recipe, work, quick)
     if not perfs:
         raise SystemExit(f"{model_dir}: its recipe holds out no performances")
-
-    rows, plot = [], {}
-    cents: dict[str, list[np.ndarray]] = {"model": [], "baseline": [], "reference": []}
-    loud: dict[str, list[np.ndarray]] = {"model": [], "baseline": []}
-    for index, perf in enumerate(perfs):
-        frames = len(perf.f0) if seconds is None else min(len(perf.f0), round(seconds / m.frame_seconds))
-        perf = data.Performance(perf.f0[:frames], perf.loudness[:frames], perf.audio[: frames * m.hop])
-        t0 = time.perf_counter()
-        out = render(model, frames * m.frame_seconds, seed, {}, curves=curves_for(model, perf))
-        base = quality.baseline(perf.f0, perf.loudness, seed=seed)
-        audio = {"model": out, "baseline": base, "reference": perf.audio}
-        row: dict[str, Any] = {"performance": index, "seconds": frames * m.frame_seconds}
-        row["spectral_distance"] = {k: quality.spectral_distance(audio[k], perf.audio) for k in ("model", "baseline")}
-        # Sanity: silence scores this much; a baseline scoring worse than silence is no bar to clear.
-        row["spectral_distance"]["silence"] = quality.spectral_distance(np.zeros_like(perf.audio), perf.audio)
-        for k in cents:
-            cents[k].append(quality.pitch_error_cents(audio[k], perf.f0, perf.loudness))
-        for k in loud:  # the reference's own correlation is 1 by construction: its loudness is the control
-            measured = data.loudness_db(audio[k])
-            keep = (measured > -70.0) | (perf.loudness > -70.0)
-            loud[k].append(np.stack([measured[keep], perf.loudness[keep]]))
-            row.setdefault("loudness_correlation", {})[k] = quality.loudness_correlation(audio[k], perf.loudness)
-        # One frame of silence in front: the jump from nothing to the first sample counts, as at a stream start.
-        silence = np.zeros(m.hop, np.float32)
-        row["clicks"] = {k: quality.count_clicks(np.concatenate([silence, audio[k]])) for k in ("model", "reference")}
-        rows.append(row)
-        if index == 0:
-            plot = audio
-        sd = row["spectral_distance"]
-        log(f"  held-out {index + 1}/{len(perfs)}: {row['seconds']:.1f} s, spectral distance model {sd['model']:.3f} "
-            f"baseline {sd['baseline']:.3f}, clicks {row['clicks']['model']} ({time.perf_counter() - t0:.1f} s)")
-
-    weights = np.array([r["seconds"] for r in rows])
-    distance = {k: float(np.average([r["spectral_distance"][k] for r in rows], weights=weights))
-                for k in ("model", "baseline", "silence")}
-    distance["ratio"] = distance["model"] / distance["baseline"]
-    pitch = {k: pitch_summary(np.concatenate(v)) for k, v in cents.items()}
-    correlation = {}
-    for k, pairs in loud.items():
-        both = np.concatenate(pairs, axis=1)
-        correlation[k] = float(np.corrcoef(both)[0, 1]) if both.shape[1] > 1 else None
-    clicks = {k: int(sum(r["clicks"][k] for r in rows)) for k in ("model", "reference")}
-    checks = {
-        "spectral_ratio": check("spectral_ratio", distance["ratio"]),
-        "pitch_median_cents": check("pitch_median_cents", pitch["model"]["median"]),
-        "pitch_p95_cents": check("pitch_p95_cents", pitch["model"]["p95"]),
-        "loudness_correlation": check("loudness_correlation", correlation["model"]),
-        "clicks": check("clicks", clicks["model"]),
-    }
+    result, plot = quality.assess(model, perfs, seed, seconds, log=lambda line: log(f"  {line}"))
+    checks = {name: check(name, value) for name, value in result["metrics"].items()}
     training = m.training
-    result = {
+    return {
         "name": m.name, "version": m.version, "directory": str(model_dir),
         "instrument": m.source.get("instrument"),
         "training": {k: training.get(k) for k in ("steps", "final_loss", "heldout_loss")},
         "data": {**{k: getattr(recipe, k) for k in data.Recipe.__dataclass_fields__}, "key": recipe.key(),
                  "key_matches_training": key is None or key == recipe.key()},
-        "heldout_evaluated": len(rows), "seconds_evaluated": float(weights.sum()), "seed": seed,
-        "spectral_distance": distance, "pitch_cents": pitch, "loudness_correlation": correlation,
-        "clicks": clicks, "checks": checks, "pass": all(c["pass"] for c in checks.values()),
-        "performances": rows,
-    }
-    return result, plot
+        **result, "checks": checks, "pass": all(c["pass"] for c in checks.values()),
+    }, plot
 
 
 def plot_spectrograms(results: list[dict], audios: list[dict], path: Path, seconds: float) -> None:
@@ -298,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {"seconds": seconds, "quick": a.quick, "seed": a.seed, "work": str(work)},
-        "targets": {k: {"kind": kind, "target": t} for k, (kind, t) in TARGETS.items()},
+        "targets": {k: {"kind": kind, "target": t} for k, (kind, t) in QUALITY_TARGETS.items()},
         "models": results,
     }
     try:

@@ -173,8 +173,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train instrument' (consumed by models.train.run)."""
-    p.add_argument("--name", default="default", help="model name to publish under (default: %(default)s)")
-    p.add_argument("--program", type=int, default=73, help="GM program to imitate, 0-based (73 = flute)")
+    p.add_argument("--instrument", choices=["violin", "cello", "trumpet", "clarinet", "flute"],
+                   help="imitate this GM instrument over its own range (f0 control limited to it)")
+    p.add_argument("--name", help="model name to publish under (default: the instrument, else 'default')")
+    p.add_argument("--program", type=int, default=73,
+                   help="without --instrument: GM program (0-based, 73 = flute) over f0 30-2000 Hz")
     p.add_argument("--quick", action="store_true", help="tiny data and few steps: a working model in ~2 min")
     p.add_argument("--steps", type=int, help="training steps (default 3000, quick 600)")
     p.add_argument("--batch", type=int, help="crops per step (default 8, quick 4)")

@@ -8,14 +8,20 @@ future verification step can use them without torch:
 - `pitch_error_cents`: a pitch tracker on the output against the f0 control, on steady voiced frames.
 - `loudness_correlation`: measured frame loudness against the loudness control.
 - `count_clicks`: isolated sample-to-sample jumps far beyond the signal's own.
+- `assess`: all of them for a model over held-out performances; `metrics` is what the gate reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
-from models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, loudness_db
+from models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, Performance, loudness_db
 from streaming.analysis import estimate_f0
+from streaming.engine import render
+from streaming.model import FrameModel
 
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # as models/train.py
 
@@ -196,3 +202,82 @@ def count_clicks(audio: np.ndarray, k: float = 4.0, floor: float = 2e-3, window:
     if len(flagged) == 0:
         return 0
     return int(1 + np.count_nonzero(np.diff(flagged) >= merge))
+
+
+def pitch_summary(cents: np.ndarray) -> dict[str, Any]:
+    """Median and p95 of |error| over frames where a pitch was found; the unvoiced share reported apart."""
+    found = np.abs(cents[np.isfinite(cents)])
+    return {
+        "median": float(np.median(found)) if len(found) else None,
+        "p95": float(np.percentile(found, 95)) if len(found) else None,
+        "frames": int(len(cents)),
+        "unvoiced_fraction": float(1.0 - len(found) / len(cents)) if len(cents) else None,
+    }
+
+
+def curves_for(model: FrameModel, perf: Performance) -> np.ndarray:
+    """[frames, C] controls in manifest order: f0 and loudness from the data, any others at default."""
+    names = [c.name for c in model.manifest.controls]
+    if not {"f0", "loudness"} <= set(names):
+        raise ValueError(f"{model.directory}: an instrument needs controls f0 and loudness, has {names}")
+    columns = {"f0": perf.f0, "loudness": perf.loudness}
+    return np.stack([columns.get(c.name, np.full(len(perf.f0), c.default, np.float32))
+                     for c in model.manifest.controls], axis=1).astype(np.float32)
+
+
+def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: float | None = None,
+           log: Callable[[str], None] = lambda line: None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Render each performance through the engine with its exact controls and measure it against the
+    FluidSynth audio and the baseline. Returns the figures and the first performance's audio (for plots)."""
+    m = model.manifest
+    if not perfs:
+        raise ValueError("no performances to assess")
+    rows, plot = [], {}
+    cents: dict[str, list[np.ndarray]] = {"model": [], "baseline": [], "reference": []}
+    loud: dict[str, list[np.ndarray]] = {"model": [], "baseline": []}
+    for index, perf in enumerate(perfs):
+        frames = len(perf.f0) if seconds is None else min(len(perf.f0), round(seconds / m.frame_seconds))
+        perf = Performance(perf.f0[:frames], perf.loudness[:frames], perf.audio[: frames * m.hop])
+        out = render(model, frames * m.frame_seconds, seed, {}, curves=curves_for(model, perf))
+        audio = {"model": out, "baseline": baseline(perf.f0, perf.loudness, seed=seed), "reference": perf.audio}
+        row: dict[str, Any] = {"performance": index, "seconds": frames * m.frame_seconds}
+        row["spectral_distance"] = {k: spectral_distance(audio[k], perf.audio) for k in ("model", "baseline")}
+        # Sanity: silence scores this much; a baseline scoring worse than silence is no bar to clear.
+        row["spectral_distance"]["silence"] = spectral_distance(np.zeros_like(perf.audio), perf.audio)
+        for k in cents:
+            cents[k].append(pitch_error_cents(audio[k], perf.f0, perf.loudness))
+        for k in loud:  # the reference's own correlation is 1 by construction: its loudness is the control
+            measured = loudness_db(audio[k])
+            keep = (measured > -70.0) | (perf.loudness > -70.0)
+            loud[k].append(np.stack([measured[keep], perf.loudness[keep]]))
+        # One frame of silence in front: the jump from nothing to the first sample counts, as at a stream start.
+        silence = np.zeros(m.hop, np.float32)
+        row["clicks"] = {k: count_clicks(np.concatenate([silence, audio[k]])) for k in ("model", "reference")}
+        rows.append(row)
+        if index == 0:
+            plot = audio
+        sd = row["spectral_distance"]
+        log(f"held-out {index + 1}/{len(perfs)}: {row['seconds']:.1f} s, spectral distance model {sd['model']:.3f} "
+            f"baseline {sd['baseline']:.3f}, clicks {row['clicks']['model']}")
+
+    weights = np.array([r["seconds"] for r in rows])
+    distance = {k: float(np.average([r["spectral_distance"][k] for r in rows], weights=weights))
+                for k in ("model", "baseline", "silence")}
+    distance["ratio"] = distance["model"] / distance["baseline"]
+    pitch = {k: pitch_summary(np.concatenate(v)) for k, v in cents.items()}
+    correlation = {}
+    for k, pairs in loud.items():
+        both = np.concatenate(pairs, axis=1)
+        correlation[k] = float(np.corrcoef(both)[0, 1]) if both.shape[1] > 1 else None
+    clicks = {k: int(sum(r["clicks"][k] for r in rows)) for k in ("model", "reference")}
+    metrics = {
+        "spectral_ratio": distance["ratio"], "pitch_median_cents": pitch["model"]["median"],
+        "pitch_p95_cents": pitch["model"]["p95"], "loudness_correlation": correlation["model"],
+        "clicks": clicks["model"],
+    }
+    result = {
+        "heldout_evaluated": len(rows), "seconds_evaluated": float(weights.sum()), "seed": seed,
+        "spectral_distance": distance, "pitch_cents": pitch, "loudness_correlation": correlation,
+        "clicks": clicks, "metrics": metrics, "performances": rows,
+    }
+    return result, plot

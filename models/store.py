@@ -7,6 +7,7 @@ into place, so a reader sees a version whole or not at all. No torch here: the d
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -16,6 +17,39 @@ from pathlib import Path
 from streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, ModelError
 
 SHIPPED = Path(__file__).parent / "shipped"
+# Quality gates written into each trained manifest's verification block, read back at publish time:
+# "max" = at most, "below" = less than, "above" = more than.
+QUALITY_TARGETS = {
+    "spectral_ratio": ("max", 0.7),  # held-out spectral distance, model / saw+noise baseline
+    "pitch_median_cents": ("below", 10.0),
+    "pitch_p95_cents": ("below", 30.0),
+    "loudness_correlation": ("above", 0.95),
+    "clicks": ("max", 0),
+}
+
+
+def meets(kind: str, value: object, target: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return {"max": value <= target, "below": value < target, "above": value > target}[kind]
+
+
+def gate(verification: dict) -> list[str]:
+    """What a manifest's verification block fails: parity, pitch and every quality threshold it names."""
+    v = verification
+    problems = []
+    for what, value_key, limit_key in (("parity", "max_abs_audio", "parity_limit"),
+                                      ("pitch", "max_f0_relative_error", "pitch_limit")):
+        value, limit = (v.get(what) or {}).get(value_key), v.get(limit_key)
+        if limit is None or not meets("max", value, limit):
+            problems.append(f"{what}: {value_key} {value} against limit {limit}")
+    thresholds, measured = v.get("thresholds"), v.get("quality") or {}
+    if not thresholds:
+        problems.append("no quality thresholds in verification.thresholds")
+    for name, (kind, target) in (thresholds or {}).items():
+        if not meets(kind, measured.get(name), target):
+            problems.append(f"{name}: {measured.get(name)} is not {kind} {target}")
+    return problems
 
 
 def default_store() -> Path:
@@ -68,8 +102,13 @@ class ModelStore:
         return entry
 
     def publish(self, candidate: Path) -> Entry:
-        """Publish a candidate directory as the next version of its model; returns the new entry."""
+        """Publish a candidate directory as the next version of its model; returns the new entry.
+
+        Refused, naming the metric, when its verification block misses a gate."""
         manifest = Manifest.read(candidate / MANIFEST)
+        problems = gate(manifest.verification)
+        if problems:
+            raise ModelError(f"{candidate / MANIFEST}: refused to publish: {'; '.join(problems)}")
         versions = [e.manifest.version for e in self.entries() if e.manifest.name == manifest.name]
         version = max(versions, default=0) + 1
         target_parent = self.root / manifest.name

@@ -22,17 +22,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import data, instrument
+from models import data, instrument, quality
 from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from models.instrument import Instrument, InstrumentConfig
-from models.store import ModelStore
+from models.store import QUALITY_TARGETS, ModelStore, gate
 from streaming.model import FrameModel, Manifest
 
 CHECKPOINT_EVERY = 100
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)
 PARITY_LIMIT = 1e-4  # max |torch - ORT| audio over the stateful parity run
 PITCH_LIMIT = 0.01  # max relative f0 error of constant-pitch renders
-GM_NAMES = {40: "violin", 42: "cello", 71: "clarinet", 73: "flute", 56: "trumpet", 48: "strings"}
+PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
+# Sustained GM instruments: program (0-based) and the MIDI note range each plays (its f0 control range).
+INSTRUMENTS = {
+    "violin": (40, 55, 96), "cello": (42, 36, 81), "trumpet": (56, 52, 84),
+    "clarinet": (71, 50, 91), "flute": (73, 60, 96),
+}
+
+
+def note_hz(note: int) -> float:
+    return 440.0 * 2.0 ** ((note - 69) / 12)
 
 
 def log(msg: str) -> None:
@@ -90,13 +99,20 @@ def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, devi
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     started, revision = time.time(), code_revision()  # the code this run starts with
+    args.name = args.name or args.instrument or "default"
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     steps = args.steps or (600 if args.quick else 3000)
     batch = args.batch or (4 if args.quick else 8)
     frames = args.frames or (50 if args.quick else 100)
-    recipe = data.Recipe(program=args.program, seed=args.seed,
+    if args.instrument:
+        program, low, high = INSTRUMENTS[args.instrument]
+        notes = {"program": program, "low_note": low, "high_note": high}
+    else:  # a GM program across the whole f0 control range
+        notes = {"program": args.program}
+    recipe = data.Recipe(seed=args.seed, **notes,
                          **({"performances": 5, "seconds": 8.0, "heldout": 1} if args.quick else {}))
+    f0_range = [max(30.0, round(note_hz(recipe.low_note), 2)), min(2000.0, round(note_hz(recipe.high_note), 2))]
     work = args.work or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavecast"
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
     dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
@@ -155,7 +171,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         manifest = Manifest.from_dict({
             "name": args.name, "version": 1, "kind": "instrument", "sample_rate": cfg.sample_rate, "hop": cfg.hop,
             "controls": [
-                {"name": "f0", "unit": "Hz", "min": 30.0, "max": 2000.0, "default": 220.0, "smoothing": 0.03},
+                {"name": "f0", "unit": "Hz", "min": f0_range[0], "max": f0_range[1],
+                 "default": min(max(220.0, f0_range[0]), f0_range[1]), "smoothing": 0.03},
                 {"name": "loudness", "unit": "dB", "min": -80.0, "max": 0.0, "default": -24.0, "smoothing": 0.03},
             ],
             "states": [{"name": k, "shape": v} for k, v in state_shapes(model).items()],
@@ -163,26 +180,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         }, "candidate")
         manifest.write(candidate)
         frame_model = FrameModel(candidate, device="cpu")
-        log("verifying: torch vs ONNX Runtime over 240 stateful steps, pitch at 55..1760 Hz")
+        log(f"verifying: torch vs ONNX Runtime over 240 stateful steps, pitch within {f0_range} Hz")
         parity = verify_parity(model, frame_model)
-        pitch = verify_pitch(frame_model)
+        pitch = verify_pitch(frame_model, tuple(f for f in PITCH_CHECKS if f0_range[0] <= f <= f0_range[1]))
         log(f"parity max |torch-ORT| {parity['max_abs_audio']:.2e}, max f0 error {pitch['max_f0_relative_error']:.4%}")
-        problems = []
-        if parity["max_abs_audio"] > PARITY_LIMIT:
-            problems.append(f"parity {parity['max_abs_audio']:.2e} > {PARITY_LIMIT:.0e}")
-        if pitch["max_f0_relative_error"] > PITCH_LIMIT:
-            worst = ", ".join(f"{f} Hz: {e:.2%}" for f, e in pitch["f0_relative_error"].items() if e > PITCH_LIMIT)
-            problems.append(f"pitch error above {PITCH_LIMIT:.0%} at {worst}")
-        if problems:
-            rejected = work / "rejected" / args.name
-            shutil.rmtree(rejected, ignore_errors=True)
-            shutil.copytree(candidate, rejected)
-            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published and is "
-                             f"kept for inspection in {rejected} (train longer with --steps, or check the data)")
+        log(f"quality on {len(dataset.heldout)} held-out performance(s), through the engine")
+        assessed, _ = quality.assess(frame_model, dataset.heldout, log=lambda line: log(f"quality: {line}"))
+        verification = {
+            "parity": parity, "parity_limit": PARITY_LIMIT, "pitch": pitch, "pitch_limit": PITCH_LIMIT,
+            "quality": {**assessed["metrics"], "spectral_distance": assessed["spectral_distance"]["model"],
+                        "baseline_distance": assessed["spectral_distance"]["baseline"],
+                        "heldout_seconds": assessed["seconds_evaluated"]},
+            "thresholds": {name: list(rule) for name, rule in QUALITY_TARGETS.items()},
+        }
+        log("quality: " + ", ".join(f"{k} {v:.3g}" for k, v in assessed["metrics"].items()))
         final = {
             **manifest.to_dict(),
             "source": {"soundfont": data.SOUNDFONT.name, "gm_program": recipe.program,
-                       "instrument": GM_NAMES.get(recipe.program, f"gm{recipe.program}"), "f0_range_hz": [30, 2000],
+                       "instrument": args.instrument or f"gm{recipe.program}", "f0_range_hz": f0_range,
                        "loudness": "RMS dBFS per 10 ms frame (full-scale sine = -3 dB)"},
             "training": {
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
@@ -191,10 +206,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 "final_loss": float(np.mean(history[-25:])), "heldout_loss": heldout_loss,
                 "code_revision": revision, "torch": torch.__version__,
             },
-            "verification": {"parity": parity, "parity_limit": PARITY_LIMIT, "pitch": pitch,
-                             "pitch_limit": PITCH_LIMIT},
+            "verification": verification,
         }
         (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
+        problems = gate(verification)
+        if problems:
+            rejected = work / "rejected" / args.name
+            shutil.rmtree(rejected, ignore_errors=True)
+            shutil.copytree(candidate, rejected)
+            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published and is "
+                             f"kept for inspection in {rejected} (train longer with --steps, or check the data)")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             for name in ("model.onnx", "model.json"):

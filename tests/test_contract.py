@@ -100,3 +100,24 @@ def test_publish_refuses_a_broken_candidate_and_leaves_nothing(default_dir: Path
         store.publish(bad)
     assert list((tmp_path / "store" / "default").iterdir()) == []
     assert store.resolve("default").shipped
+
+
+def test_publish_gate_names_the_metric_a_model_misses(default_dir: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    clicky = copy_model(default_dir, tmp_path / "clicky")
+    edit_manifest(clicky, lambda raw: raw["verification"]["quality"].update(clicks=3))
+    with pytest.raises(ModelError, match=r"refused to publish: clicks: 3 is not max 0"):
+        store.publish(clicky)
+    dull = copy_model(default_dir, tmp_path / "dull")
+    edit_manifest(dull, lambda raw: raw["verification"]["quality"].update(spectral_ratio=0.9, loudness_correlation=0.5))
+    with pytest.raises(ModelError, match=r"spectral_ratio: 0.9 is not max 0.7; loudness_correlation: 0.5 is not above"):
+        store.publish(dull)
+    unchecked = copy_model(default_dir, tmp_path / "unchecked")
+    edit_manifest(unchecked, lambda raw: raw["verification"].pop("thresholds"))
+    with pytest.raises(ModelError, match="no quality thresholds"):
+        store.publish(unchecked)
+    loose = copy_model(default_dir, tmp_path / "loose")
+    edit_manifest(loose, lambda raw: raw["verification"]["parity"].update(max_abs_audio=0.5))
+    with pytest.raises(ModelError, match="parity: max_abs_audio 0.5 against limit 0.0001"):
+        store.publish(loose)
+    assert not (tmp_path / "store" / "default").exists() or list((tmp_path / "store" / "default").iterdir()) == []

@@ -30,6 +30,8 @@ def test_quick_training_publishes_a_verified_model(tmp_path: Path) -> None:
     assert m.training["command"].startswith("wavecast train instrument --quick")
     assert m.training["steps"] == 600 and m.training["data"]["program"] == 73
     assert m.verification["parity"]["steps"] >= 200 and m.verification["parity"]["max_abs_audio"] < 1e-4
+    assert m.verification["quality"]["heldout_seconds"] == 8.0 and m.verification["quality"]["clicks"] == 0
+    assert set(m.verification["thresholds"]) >= {"spectral_ratio", "pitch_p95_cents", "loudness_correlation"}
     audio = render(model, 1.0, 0, {"f0": 440.0, "loudness": -20.0})
     assert abs(estimate_f0(audio[24_000:], 48_000) / 440 - 1) < 0.01
     # A finished run leaves no checkpoint behind to resume from.
