@@ -77,6 +77,10 @@ async def serve(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
+    if args.buffer_frames < 2:
+        print("error: --buffer-frames must be at least 2: a WebRTC packet takes 20 ms (2 frames) at once",
+              file=sys.stderr)
+        return 2
     args.token = args.token or os.environ.get("WAVECAST_TOKEN")
     if not is_loopback(args.host) and not args.token:
         print(f"error: binding to non-loopback {args.host} needs --token (or WAVECAST_TOKEN); clients then send "

@@ -52,3 +52,8 @@ def test_render_refuses_bad_controls_and_models(tmp_path: Path) -> None:
 def test_models_lists_the_shipped_default() -> None:
     result = wavecast("models")
     assert result.returncode == 0 and "default" in result.stdout and "shipped" in result.stdout
+
+
+def test_serve_refuses_a_buffer_smaller_than_a_webrtc_packet() -> None:
+    result = wavecast("serve", "--port", "0", "--buffer-frames", "1")
+    assert result.returncode == 2 and "at least 2" in result.stderr
