@@ -86,10 +86,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: binding to non-loopback {args.host} needs --token (or WAVECAST_TOKEN); clients then send "
               "'Authorization: Bearer <token>'", file=sys.stderr)
         return 2
+    from daemon.app import ApiError
+
     try:
         uvloop.run(serve(args))
-    except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
+    except ApiError as e:  # the start-up model is unknown or unusable
+        print(f"error: {e.message}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port} ({e}); pick another --port", file=sys.stderr)

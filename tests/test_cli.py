@@ -57,3 +57,8 @@ def test_models_lists_the_shipped_default() -> None:
 def test_serve_refuses_a_buffer_smaller_than_a_webrtc_packet() -> None:
     result = wavecast("serve", "--port", "0", "--buffer-frames", "1")
     assert result.returncode == 2 and "at least 2" in result.stderr
+
+
+def test_serve_refuses_to_start_on_an_unknown_model() -> None:
+    result = wavecast("serve", "--port", "0", "--model", "nope")
+    assert result.returncode == 2 and "unknown model 'nope'" in result.stderr
