@@ -197,7 +197,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         final = {
             **manifest.to_dict(),
             "source": {"soundfont": data.SOUNDFONT.name, "gm_program": recipe.program,
-                       "instrument": args.instrument or f"gm{recipe.program}", "f0_range_hz": f0_range,
+                       "instrument": next((n for n, (p, _, _) in INSTRUMENTS.items() if p == recipe.program),
+                                          f"gm{recipe.program}"), "f0_range_hz": f0_range,
                        "loudness": "RMS dBFS per 10 ms frame (full-scale sine = -3 dB)"},
             "training": {
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
