@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streaming.controls import Smoother
-from streaming.model import FrameModel
+from streaming.model import FrameModel, Manifest
 from streaming.ring import Reader, RingBuffer
 
 log = logging.getLogger("wavecast.engine")
@@ -108,10 +108,9 @@ class Stream:
         self.slot: int | None = None  # assigned by the inference thread
         self.frames = 0
         self.closed_underruns = 0
-        self.created = time.time()
 
     @property
-    def manifest(self):
+    def manifest(self) -> Manifest:
         return self.group.manifest
 
     def listen(self) -> Reader:
