@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from models import data, quality
-from models.store import QUALITY_TARGETS, meets
+from models.store import QUALITY_TARGETS, default_work, meets
 from streaming.model import FrameModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +33,6 @@ PLOT_SECONDS = 4.0
 
 def log(msg: str) -> None:
     print(f"[quality] {msg}", file=sys.stderr, flush=True)
-
-
-def default_work() -> Path:
-    """The same work directory as `wavecast train` (models/train.py); the data cache is WORK/data."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavecast"
 
 
 def instrument_dirs() -> list[Path]:

@@ -23,7 +23,7 @@ from streaming.analysis import estimate_f0
 from streaming.engine import render
 from streaming.model import FrameModel
 
-FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # as models/train.py
+FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # also the training loss's (models/train.py)
 
 
 def stft_magnitude(x: np.ndarray, n: int) -> np.ndarray:

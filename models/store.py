@@ -57,6 +57,11 @@ def default_store() -> Path:
     return Path(base) / "wavecast" / "models"
 
 
+def default_work() -> Path:
+    """Data cache, checkpoints and rejected models of `wavecast train` (and the quality bench's data)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavecast"
+
+
 @dataclass(frozen=True)
 class Entry:
     manifest: Manifest

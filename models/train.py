@@ -25,11 +25,10 @@ import torch
 from models import data, instrument, quality
 from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from models.instrument import Instrument, InstrumentConfig
-from models.store import QUALITY_TARGETS, ModelStore, gate
+from models.store import QUALITY_TARGETS, ModelStore, default_work, gate
 from streaming.model import FrameModel, Manifest
 
 CHECKPOINT_EVERY = 100
-FFT_SIZES = (2048, 1024, 512, 256, 128, 64)
 PARITY_LIMIT = 1e-4  # max |torch - ORT| audio over the stateful parity run
 PITCH_LIMIT = 0.01  # max relative f0 error of constant-pitch renders
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
@@ -62,12 +61,12 @@ def code_revision() -> str:
 def spectral_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Multi-scale spectral loss: L1 of linear and of log magnitudes over several FFT sizes."""
     loss = pred.new_zeros(())
-    for n in FFT_SIZES:
+    for n in quality.FFT_SIZES:
         window = torch.hann_window(n, device=pred.device)
         spec = [torch.stft(x, n, n // 4, window=window, return_complex=True).abs() for x in (pred, target)]
         log_gap = torch.log(spec[0] + 1e-5) - torch.log(spec[1] + 1e-5)
         loss = loss + (spec[0] - spec[1]).abs().mean() + log_gap.abs().mean()
-    return loss / len(FFT_SIZES)
+    return loss / len(quality.FFT_SIZES)
 
 
 def sample_batch(
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     recipe = data.Recipe(seed=args.seed, **notes,
                          **({"performances": 5, "seconds": 8.0, "heldout": 1} if args.quick else {}))
     f0_range = [max(30.0, round(note_hz(recipe.low_note), 2)), min(2000.0, round(note_hz(recipe.high_note), 2))]
-    work = args.work or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavecast"
+    work = args.work or default_work()
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
     dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
 
