@@ -64,8 +64,7 @@ def heldout(recipe: data.Recipe, work: Path, quick: bool) -> list[data.Performan
     first = recipe.performances - recipe.heldout
     if quick and not (cache / f"{recipe.key()}.npz").exists():
         log(f"data: no cache for recipe {recipe.key()}; rendering held-out performance {first} only")
-        gain = data._gain(recipe)  # the same (private) steps `data.build` runs, for one index
-        return [data._performance(recipe, first, gain)] if recipe.heldout else []
+        return [data.render_one(recipe, first, cache)] if recipe.heldout else []
     perfs = data.build(recipe, cache, progress=lambda line: log(f"data: {line}")).heldout
     return perfs[:1] if quick else perfs
 

@@ -1,8 +1,9 @@
 """Training data for the neural instrument: MIDI performances rendered with FluidSynth.
 
-Each performance is a random monophonic melody (scale runs, arpeggios, leaps, held notes; legato and
-staccato; velocity, expression ramps, vibrato and glides as pitch bend). f0 comes from the notes and bends
-themselves, so it is exact; loudness is measured from the rendered audio. Imports numpy + mido + stdlib only.
+Each performance is a monophonic line of phrases: folk-tune fragments from the music21 corpus, scale runs,
+arpeggios, leaps and held notes; legato and staccato; velocity, expression ramps (CC11), vibrato and glides
+as pitch bend. f0 comes from the notes and bends themselves, so it is exact; loudness is measured from the
+rendered audio. Imports numpy + mido + stdlib (and music21 through models.corpus) only.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from pathlib import Path
 import mido
 import numpy as np
 
+from models import corpus
+
 SAMPLE_RATE = 48_000  # Hz
 HOP = 480  # samples per frame (10 ms)
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 LOUDNESS_FLOOR_DB = -80.0
-DATA_VERSION = 1  # bump whenever generation or rendering changes, so old caches are not reused
+DATA_VERSION = 2  # bump whenever generation or rendering changes, so old caches are not reused
 
 # Tempo 960000 us/beat at 960 ticks/beat makes 1 tick = 1 ms. FluidSynth renders 64-sample blocks, reads the
 # MIDI player's clock in whole ms at the start of each block and applies an event one block after the block
@@ -57,6 +60,7 @@ class Recipe:
     high_note: int = 95
     seed: int = 0
     heldout: int = 2  # performances kept out of training (the last ones)
+    melodies: int = 50  # tunes taken from each shippable music21 folk collection for melody phrases
 
     def __post_init__(self) -> None:
         if not (0 <= self.low_note <= self.high_note <= 127 and 0 <= self.program <= 127):
@@ -85,9 +89,14 @@ class Dataset:
 
 
 def loudness_db(audio: np.ndarray, hop: int = HOP) -> np.ndarray:
-    """RMS level of each hop-long frame in dBFS (full-scale sine = -3 dB), floored at LOUDNESS_FLOOR_DB."""
+    """RMS level of each hop-long frame in dBFS (full-scale sine = -3 dB), floored at LOUDNESS_FLOOR_DB.
+
+    Not A-weighted, on purpose: the loudness control sets the synthesiser's level, and an A-weighted
+    -20 dB at 55 Hz would ask for +10 dBFS of raw signal; a control whose usable range moves with pitch
+    is a poor control (and quick training runs with it fell into octave errors)."""
     frames = len(audio) // hop
-    power = np.square(audio[: frames * hop].reshape(frames, hop), dtype=np.float64).mean(axis=1)
+    x = np.asarray(audio[: frames * hop], np.float64)
+    power = np.square(x.reshape(frames, hop)).mean(axis=1)
     db = 10.0 * np.log10(np.maximum(power, 1e-20))
     return np.maximum(db, LOUDNESS_FLOOR_DB).astype(np.float32)
 
@@ -102,9 +111,10 @@ def build(recipe: Recipe, cache_dir: Path, progress: Callable[[str], None] | Non
         with np.load(path) as npz:
             f0, loudness, audio = npz["f0"], npz["loudness"], npz["audio"]
     else:
+        tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir, progress) if recipe.melodies else []
         gain, rendered = _gain(recipe), []
         for index in range(recipe.performances):
-            rendered.append(_performance(recipe, index, gain))
+            rendered.append(_performance(recipe, index, gain, tunes))
             if progress is not None:
                 progress(f"rendered {index + 1}/{recipe.performances}")
         f0 = np.stack([p.f0 for p in rendered])
@@ -120,6 +130,12 @@ def build(recipe: Recipe, cache_dir: Path, progress: Callable[[str], None] | Non
     return Dataset(recipe, performances[:split], performances[split:])
 
 
+def render_one(recipe: Recipe, index: int, cache_dir: Path) -> Performance:
+    """Performance `index` of the recipe alone, exactly as `build` renders it (not cached)."""
+    tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir) if recipe.melodies else []
+    return _performance(recipe, index, _gain(recipe), tunes)
+
+
 def _gain(recipe: Recipe) -> float:
     """FluidSynth master gain that puts the program's loudest playing (velocity and expression 127, legato
     over the whole note range) at a peak of _PEAK; GM programs differ by 12 dB at one gain."""
@@ -133,10 +149,10 @@ def _gain(recipe: Recipe) -> float:
     return _PROBE_GAIN * _PEAK / float(np.abs(probe).max())
 
 
-def _performance(recipe: Recipe, index: int, gain: float) -> Performance:
+def _performance(recipe: Recipe, index: int, gain: float, tunes: list[corpus.Tune]) -> Performance:
     frames = round(recipe.seconds * SAMPLE_RATE / HOP)
     total_ms = frames * HOP * 1000 // SAMPLE_RATE
-    events = _events(np.random.default_rng([recipe.seed, index]), recipe, total_ms)
+    events = _events(np.random.default_rng([recipe.seed, index]), recipe, total_ms, tunes)
     audio = _render(_midi(events, recipe.program, total_ms + 100), frames * HOP, gain)
     return Performance(_f0(events, frames), loudness_db(audio), audio)
 
@@ -151,12 +167,12 @@ def _pitchwheel(semitones: float) -> mido.Message:
     return mido.Message("pitchwheel", pitch=min(max(value, -8192), 8191))
 
 
-def _events(rng: np.random.Generator, recipe: Recipe, total_ms: int) -> list[Event]:
+def _events(rng: np.random.Generator, recipe: Recipe, total_ms: int, tunes: list[corpus.Tune]) -> list[Event]:
     """A performance: phrases separated by optional rests, sorted by time."""
     events: list[Event] = []
     t = _q(rng.uniform(0, 300))
     while t < total_ms - 200:
-        phrase, t = _phrase(rng, recipe, t, total_ms)
+        phrase, t = _phrase(rng, recipe, t, total_ms, tunes)
         events += phrase
         if rng.random() < 0.7:
             t += _q(rng.uniform(40, 700))
@@ -166,10 +182,22 @@ def _events(rng: np.random.Generator, recipe: Recipe, total_ms: int) -> list[Eve
     return sorted(events, key=lambda e: (e[0], _ORDER[e[1].type]))
 
 
-def _phrase_pitches(rng: np.random.Generator, recipe: Recipe) -> tuple[list[int], bool]:
-    """Pitches of one phrase around a register centre drawn uniformly from the range; and whether held."""
+def _phrase_pitches(rng: np.random.Generator, recipe: Recipe, tunes: list[corpus.Tune]
+                    ) -> tuple[list[int | None], list[float] | None, bool]:
+    """One phrase around a register centre drawn uniformly from the range: its pitches (None = rest), their
+    lengths in beats when the phrase brings its own rhythm (a tune fragment), and whether notes are held."""
     centre = int(rng.integers(recipe.low_note, recipe.high_note + 1))
-    style = rng.integers(4)
+    style = rng.integers(5) if tunes else rng.integers(4)
+    if style == 4:  # a fragment of a folk tune, its rhythm kept, moved to the register centre
+        tune = tunes[rng.integers(len(tunes))]
+        length = int(rng.integers(6, 17))
+        first = int(rng.integers(0, max(1, len(tune.events) - length)))
+        fragment = tune.events[first : first + length]
+        sounding = [m for m, _ in fragment if m is not None]
+        shift = centre - int(np.median(sounding)) if sounding else 0
+        folded = _fold(np.array([m + shift if m is not None else 0 for m, _ in fragment]), recipe)
+        pitches = [int(p) if m is not None else None for p, (m, _) in zip(folded, fragment, strict=True)]
+        return pitches, [q for _, q in fragment], False
     if style == 0:  # one or two long held notes
         pitches = centre + rng.integers(-2, 3, int(rng.integers(1, 3)))
     elif style == 1:  # random leaps
@@ -180,25 +208,37 @@ def _phrase_pitches(rng: np.random.Generator, recipe: Recipe) -> tuple[list[int]
         steps = np.where(rng.random(int(rng.integers(3, 13))) < 0.8, direction, -direction)
         walk = np.concatenate([[0], np.cumsum(steps[1:])])
         pitches = np.array([centre + 12 * (d // len(degrees)) + degrees[d % len(degrees)] for d in walk])
-    # Fold pitches that leave the range back into it (clipping would pile notes up at the edges).
+    return _fold(pitches, recipe).tolist(), None, style == 0
+
+
+def _fold(pitches: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Fold pitches that leave the range back into it (clipping would pile notes up at the edges)."""
     low, span = recipe.low_note, recipe.high_note - recipe.low_note
-    folded = low + span - np.abs((pitches - low) % (2 * span) - span) if span else np.full_like(pitches, low)
-    return folded.tolist(), style == 0
+    return low + span - np.abs((pitches - low) % (2 * span) - span) if span else np.full_like(pitches, low)
 
 
-def _phrase(rng: np.random.Generator, recipe: Recipe, start: int, end: int) -> tuple[list[Event], int]:
+def _phrase(rng: np.random.Generator, recipe: Recipe, start: int, end: int, tunes: list[corpus.Tune]
+            ) -> tuple[list[Event], int]:
     """Events of one phrase starting at `start` ms (no note starts at `end` or later), and the time the
     next note may start."""
-    pitches, held = _phrase_pitches(rng, recipe)
+    pitches, beats, held = _phrase_pitches(rng, recipe, tunes)
     legato = held or rng.random() < 0.5
     beat = rng.uniform(120, 450) if legato else rng.uniform(90, 300)
     base_velocity = int(rng.integers(40, 128))
     events: list[Event] = []
     t, previous = start, None
+    if beats is not None:  # a tune's own rhythm: `beat` is then a quarter note
+        beat = rng.uniform(400, 900)
     for k, pitch in enumerate(pitches):
         if t >= end:
             break
-        dur = _q(rng.uniform(700, 2500) if held else beat * rng.choice([0.5, 1, 1, 1, 1.5, 2]))
+        if beats is not None:
+            dur = max(_GRID_MS * 20, _q(beat * beats[k]))
+        else:
+            dur = _q(rng.uniform(700, 2500) if held else beat * rng.choice([0.5, 1, 1, 1, 1.5, 2]))
+        if pitch is None:  # a rest in the tune
+            t, previous = t + dur, None
+            continue
         if not legato:
             length = max(40, _q(dur * rng.uniform(0.3, 0.6)))
         else:  # the next note starts at this note's off, or just before when it is another pitch
