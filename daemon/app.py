@@ -22,6 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from daemon.device import DeviceError, DeviceOutput
 from daemon.peers import StreamTrack
 from models.store import ModelStore
+from streaming.composer import ACTIONS, ComposerGroup, ComposerModel, describe_controls, validate_controls
 from streaming.controls import ControlError, validate
 from streaming.engine import Engine, Group, Stream
 from streaming.model import FrameModel, ModelError
@@ -62,21 +63,32 @@ class Daemon:
 
     # -- models -------------------------------------------------------------------------------------
     async def group(self, name: str) -> Group:
-        """The loaded group for the newest version of `name`, loading it off the loop if needed."""
+        """The loaded group for the newest version of instrument `name`, loading it off the loop if needed."""
+        return await self._load(name, "instrument", self.engine.groups, FrameModel, self.engine.add_model)
+
+    async def composer(self, name: str) -> ComposerGroup:
+        """The loaded group for the newest version of composer `name`."""
+        return await self._load(name, "composer", self.engine.composers, ComposerModel, self.engine.add_composer)
+
+    async def _load(self, name: str, kind: str, loaded: dict, loader, add):
         try:
             entry = self.store.resolve(name)
         except KeyError as e:
             raise ApiError(404, "unknown_model", str(e.args[0])) from None
+        if entry.manifest.kind != kind:
+            field = "composer" if entry.manifest.kind == "composer" else "model"
+            raise ApiError(422, "wrong_model_kind", f"'{name}' is a {entry.manifest.kind}, not a {kind}; "
+                                                    f"name it in '{field}' (see GET /v1/models)")
         key = (entry.manifest.name, entry.manifest.version)
         async with self._loading.setdefault(name, asyncio.Lock()):
-            if key not in self.engine.groups:
+            if key not in loaded:
                 try:
-                    model = await asyncio.get_running_loop().run_in_executor(None, FrameModel, entry.directory)
+                    model = await asyncio.get_running_loop().run_in_executor(None, loader, entry.directory)
                 except ModelError as e:
                     raise ApiError(500, "model_unusable", str(e)) from None
-                self.engine.add_model(model)
-                log.info("model loaded name=%s version=%s providers=%s", *key, ",".join(model.providers))
-        return self.engine.groups[key]
+                add(model)
+                log.info("model loaded name=%s version=%s kind=%s", *key, kind)
+        return loaded[key]
 
     def stream(self, request: web.Request) -> Stream:
         sid = request.match_info["id"]
@@ -126,12 +138,13 @@ def parse_controls(stream_or_group: Stream | Group, raw: Any) -> dict[str, float
 
 
 def model_info(manifest) -> dict:
-    return {
-        "name": manifest.name, "version": manifest.version, "kind": manifest.kind,
-        "sample_rate": manifest.sample_rate, "hop": manifest.hop,
-        "controls": [c.__dict__ for c in manifest.controls],
-        "source": manifest.source, "verification": manifest.verification,
-    }
+    info = {"name": manifest.name, "version": manifest.version, "kind": manifest.kind}
+    if manifest.kind == "composer":
+        info |= {"controls": describe_controls(), "actions": list(ACTIONS), "vocabulary": manifest.vocabulary}
+    else:
+        info |= {"sample_rate": manifest.sample_rate, "hop": manifest.hop,
+                 "controls": [c.__dict__ for c in manifest.controls]}
+    return info | {"source": manifest.source, "verification": manifest.verification}
 
 
 # -- middleware -------------------------------------------------------------------------------------
@@ -203,10 +216,17 @@ async def create_stream(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_seed", "'seed' must be an integer in [0, 2^63)")
     if len(d.engine.streams) >= d.max_streams:
         raise ApiError(429, "too_many_streams", f"this daemon runs at most {d.max_streams} streams; delete one first")
+    composer_name = body.get("composer")
+    if composer_name is not None and not isinstance(composer_name, str):
+        raise ApiError(422, "invalid_composer", "'composer' must be a composer model name (see GET /v1/models)")
     group = await d.group(name)
-    controls = parse_controls(group, body.get("controls", {}))
-    stream = d.engine.create_stream(group, seed, controls)
-    log.info("stream created id=%s model=%s seed=%s", stream.id, name, seed)
+    composer = await d.composer(composer_name) if composer_name is not None else None
+    if composer is not None:
+        controls = parse_composer_controls(body.get("controls", {}))
+    else:
+        controls = parse_controls(group, body.get("controls", {}))
+    stream = d.engine.create_stream(group, seed, controls, composer)
+    log.info("stream created id=%s model=%s composer=%s seed=%s", stream.id, name, composer_name, seed)
     return web.json_response(d.stream_info(stream), status=201)
 
 
@@ -222,11 +242,48 @@ async def get_stream(request: web.Request) -> web.Response:
     return web.json_response(d.stream_info(d.stream(request)))
 
 
+@routes.get("/v1/streams/{id}/notes")
+async def stream_notes(request: web.Request) -> web.Response:
+    """The notes a composed stream played (the last 2000 at least), oldest first; ?since=N skips the first N
+    ever played, so a client can poll for new ones."""
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    if stream.voice is None:
+        raise ApiError(422, "not_composed", "this stream plays controls, not notes; create it with a 'composer'")
+    try:
+        since = int(request.query.get("since", "0"))
+    except ValueError:
+        raise ApiError(422, "invalid_query", "'since' must be a whole number of notes") from None
+    count, notes = stream.voice.played(since)
+    return web.json_response({"count": count, "notes": [n.to_dict() for n in notes]})
+
+
+def parse_composer_controls(raw: Any) -> dict[str, Any]:
+    try:
+        return validate_controls(raw)
+    except ControlError as e:
+        raise ApiError(422, "invalid_control", str(e)) from None
+
+
 def apply_patch(stream: Stream, body: Any) -> dict:
-    if not isinstance(body, dict) or "controls" not in body:
-        raise ApiError(422, "invalid_patch", 'send {"controls": {"name": value, ...}}')
-    stream.smoother.set(parse_controls(stream, body["controls"]))
-    return stream.smoother.as_dict()
+    """Controls and (composed streams) an action, from PATCH or the data channel; all checked before any
+    is applied. Returns the stream's controls (and now-playing)."""
+    voice = stream.voice
+    if not isinstance(body, dict) or not ({"controls", "action"} & set(body)) or set(body) - {"controls", "action"}:
+        what = '{"controls": {...}} and/or {"action": "play" | "pause" | "reset"}' if voice else '{"controls": {...}}'
+        raise ApiError(422, "invalid_patch", f"send {what}")
+    action = body.get("action")
+    if action is not None and (voice is None or action not in ACTIONS):
+        raise ApiError(422, "invalid_action", f"actions {list(ACTIONS)} apply to composed streams"
+                                              if voice is None else f"'action' must be one of {list(ACTIONS)}")
+    if voice is None:
+        stream.smoother.set(parse_controls(stream, body["controls"]))
+        return {"controls": stream.smoother.as_dict()}
+    controls = parse_composer_controls(body.get("controls", {}))
+    voice.set(controls)
+    if action is not None:
+        voice.act(action)
+    return {"controls": voice.settings, "now_playing": voice.now_playing()}
 
 
 @routes.patch("/v1/streams/{id}")
@@ -245,6 +302,16 @@ async def delete_stream(request: web.Request) -> web.Response:
     return web.json_response({"id": stream.id, "deleted": True})
 
 
+async def announce_notes(stream: Stream, channel, period: float = 0.02) -> None:
+    """Send {"type": "now_playing", ...} on the data channel whenever the composed stream starts a note."""
+    voice, sent = stream.voice, -1
+    while channel.readyState != "closed":
+        if channel.readyState == "open" and voice.count != sent:
+            sent = voice.count
+            channel.send(json.dumps({"type": "now_playing", **voice.now_playing()}))
+        await asyncio.sleep(period)
+
+
 @routes.post("/v1/streams/{id}/webrtc")
 async def webrtc_offer(request: web.Request) -> web.Response:
     d: Daemon = request.app["daemon"]
@@ -259,9 +326,13 @@ async def webrtc_offer(request: web.Request) -> web.Response:
     track = StreamTrack(stream, d.engine)
     peers.add(pc)
 
+    tasks: set[asyncio.Task] = set()
+
     async def close() -> None:
         track.stop()
         peers.discard(pc)
+        for task in tasks:
+            task.cancel()
         await pc.close()
 
     @pc.on("connectionstatechange")
@@ -274,12 +345,14 @@ async def webrtc_offer(request: web.Request) -> web.Response:
     def on_channel(channel) -> None:
         if channel.label != "controls":
             return
+        if stream.voice is not None:
+            tasks.add(asyncio.ensure_future(announce_notes(stream, channel)))
 
         @channel.on("message")
         def on_message(message: str | bytes) -> None:
             try:
                 body = json.loads(message)
-                reply = {"type": "controls", "controls": apply_patch(stream, body)}
+                reply = {"type": "controls", **apply_patch(stream, body)}
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 reply = {"type": "error", "error": {"code": "malformed_json", "message": str(e)}}
             except ApiError as e:

@@ -27,14 +27,27 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def parse_control(text: str) -> tuple[str, float]:
+def parse_control(text: str) -> tuple[str, float | str]:
+    """NAME=VALUE; VALUE is a number where it reads as one (f0=440), else text (scale='D dorian')."""
     name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. f0=440 or scale='D dorian', got {text!r}")
     try:
-        if not sep:
-            raise ValueError
         return name, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, e.g. f0=440, got {text!r}") from None
+        return name, value
+
+
+def parse_change(text: str) -> tuple[float, tuple[str, float | str]]:
+    """SECONDS:NAME=VALUE, a control change (or action=pause|play|reset) during a render."""
+    at, sep, control = text.partition(":")
+    try:
+        seconds = float(at)
+    except ValueError:
+        seconds = -1.0
+    if not sep or seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected SECONDS:NAME=VALUE, e.g. 30:tempo=140, got {text!r}")
+    return seconds, parse_control(control)
 
 
 def is_loopback(host: str) -> bool:
@@ -111,30 +124,52 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from models.store import ModelStore
+    from streaming.composer import ComposerModel, validate_controls
     from streaming.controls import ControlError, validate
-    from streaming.engine import render
+    from streaming.engine import compose
     from streaming.model import FrameModel, ModelError
 
+    store = ModelStore(args.store)
     try:
-        model = FrameModel(ModelStore(args.store).resolve(args.model).directory, device=args.device)
-        controls = validate(model.manifest, dict(args.control))
+        model = FrameModel(store.resolve(args.model).directory, device=args.device)
+        composer = ComposerModel(store.resolve(args.composer).directory) if args.composer else None
+        check = validate_controls if composer else (lambda values: validate(model.manifest, values))
+        controls = check(dict(args.control))
+        timeline = []
+        for seconds, (name, value) in args.change:
+            if name == "action" and composer is not None:
+                timeline.append((seconds, {"action": value}))
+            else:
+                timeline.append((seconds, check({name: value})))
     except (KeyError, ModelError, ControlError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     if not args.seconds > 0:
         print("error: --seconds must be positive", file=sys.stderr)
         return 2
-    audio = render(model, args.seconds, args.seed, controls)
-    write_wav(args.out, audio, model.manifest.sample_rate)
+    if args.midi and composer is None:
+        print("error: --midi writes the notes of a composed render; add --composer NAME", file=sys.stderr)
+        return 2
+    audio, notes = compose(model, args.seconds, args.seed, controls, timeline, composer=composer)
     m = model.manifest
-    print(f"wrote {args.out}: {args.seconds:g} s of '{m.name}' v{m.version}, seed {args.seed}", file=sys.stderr)
+    write_wav(args.out, audio, m.sample_rate)
+    what = f"'{m.name}' v{m.version}" + (f" composed by '{args.composer}'" if composer else "")
+    print(f"wrote {args.out}: {args.seconds:g} s of {what}, seed {args.seed}", file=sys.stderr)
+    if args.midi:
+        from daemon.midi import write_midi
+
+        write_midi(args.midi, notes, m.frame_seconds, int(m.source.get("gm_program", 0)))
+        print(f"wrote {args.midi}: {sum(n.midi is not None for n in notes)} notes", file=sys.stderr)
     return 0
 
 
 # -- train, models, devices -------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from models import train
+        if args.what == "composer":
+            from models import train_composer as train
+        else:
+            from models import train
     except ImportError as e:
         print(f"error: training needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
         return 2
@@ -198,6 +233,28 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
 
 
+def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of 'wavecast train composer' (consumed by models.train_composer.run)."""
+    from models.corpus import COLLECTIONS, SHIPPABLE
+
+    p.add_argument("--name", default="folk", help="model name to publish under (default: %(default)s)")
+    p.add_argument("--collections", nargs="+", choices=list(COLLECTIONS), default=list(SHIPPABLE),
+                   help="music21 corpus collections to learn from (default: those whose licence allows a shipped "
+                        "model: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a few tunes and few steps: a working model in ~1 min")
+    p.add_argument("--steps", type=int, help="training steps (default 2500, quick 300)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 32, quick 16)")
+    p.add_argument("--length", type=int, help="events per training sequence (default 64, quick 32)")
+    p.add_argument("--hidden", type=int, default=256, help="LSTM width (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, batches and augmentation")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--work", type=Path, help="corpus cache and checkpoints (default ~/.cache/wavecast)")
+    p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
+    p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wavecast", description="Real-time generative audio from stateful LSTM models.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -222,12 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="write a stream to a WAV file, reproducibly",
                        description="Run the engine without a clock and write mono 16-bit WAV. "
                                    "The same model, seed and controls give a bit-identical file.")
-    r.add_argument("--model", default="default", help="model name (default: %(default)s)")
+    r.add_argument("--model", default="default", help="instrument model name (default: %(default)s)")
+    r.add_argument("--composer", help="composer model name, e.g. folk: it writes the notes the instrument plays")
     r.add_argument("--seconds", type=float, required=True, help="length of the render")
-    r.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the noise and the composer (default: %(default)s)")
     r.add_argument("--control", type=parse_control, action="append", default=[], metavar="NAME=VALUE",
-                   help="a control value, repeatable, e.g. --control f0=440 --control loudness=-20")
+                   help="a control value, repeatable: --control f0=440 --control loudness=-20, or with "
+                        "--composer: --control tempo=96 --control 'scale=D dorian' --control register=high")
+    r.add_argument("--change", type=parse_change, action="append", default=[], metavar="SECONDS:NAME=VALUE",
+                   help="a control change during the render, repeatable, e.g. --change 30:tempo=140; with "
+                        "--composer also --change 20:action=pause|play|reset")
     r.add_argument("--out", type=Path, required=True, help="WAV file to write")
+    r.add_argument("--midi", type=Path, help="with --composer: also write the notes as a MIDI file")
     r.add_argument("--store", type=Path, help=store_help)
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="ONNX Runtime device (default: %(default)s, bit-reproducible)")
@@ -242,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "publish.")
     add_train_arguments(ti)
     ti.set_defaults(func=cmd_train)
+    tc = tsub.add_parser("composer", help="a note-level LSTM that writes melodies (music21 folk corpus)",
+                         description="Parse the music21 folk corpus, train the note-level LSTM composer, export, "
+                                     "verify (parity; held-out NLL against unigram and bigram baselines), publish.")
+    add_composer_train_arguments(tc)
+    tc.set_defaults(func=cmd_train)
 
     m = sub.add_parser("models", help="list the models the daemon can play")
     m.add_argument("--store", type=Path, help=store_help)

@@ -20,7 +20,8 @@ class Listener:
     def __init__(self) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("controls")
-        self.replies: asyncio.Queue[dict] = asyncio.Queue()
+        self.replies: asyncio.Queue[dict] = asyncio.Queue()  # answers to what we sent
+        self.now_playing: list[dict] = []  # a composed stream's note announcements
         self.track_ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.channel_open = asyncio.Event()
         self.first_audio_at: float | None = None
@@ -36,7 +37,11 @@ class Listener:
 
         @self.channel.on("message")
         def on_message(message: str) -> None:
-            self.replies.put_nowait(json.loads(message))
+            body = json.loads(message)
+            if body.get("type") == "now_playing":
+                self.now_playing.append(body)
+            else:
+                self.replies.put_nowait(body)
 
     @classmethod
     async def connect(cls, base_url: str, stream_id: str, ice_host: str | None = "127.0.0.1",
@@ -73,7 +78,11 @@ class Listener:
 
     async def send_controls(self, controls: dict) -> dict:
         """Send new control values over the data channel and wait for the daemon's reply."""
-        self.channel.send(json.dumps({"controls": controls}))
+        return await self.send({"controls": controls})
+
+    async def send(self, message: dict) -> dict:
+        """Send a message (controls and/or an action) over the data channel and wait for the reply."""
+        self.channel.send(json.dumps(message))
         return await asyncio.wait_for(self.replies.get(), 10)
 
     async def close(self) -> None:

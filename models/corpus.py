@@ -76,12 +76,9 @@ def load(collections: tuple[str, ...] = SHIPPABLE, tunes_per_collection: int | N
     unknown = [c for c in collections if c not in COLLECTIONS]
     if unknown:
         raise ValueError(f"unknown corpus collection(s) {unknown}; known: {', '.join(COLLECTIONS)}")
-    import music21
-
-    key_text = json.dumps([collections, tunes_per_collection, music21.__version__, CORPUS_VERSION])
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"corpus-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.json.gz"
+        path = Path(cache_dir) / f"corpus-{cache_key(collections, tunes_per_collection)}.json.gz"
         if path.exists():
             with gzip.open(path, "rt") as f:
                 return [Tune(**{**t, "events": [tuple(e) for e in t["events"]]}) for t in json.load(f)]
@@ -95,6 +92,14 @@ def load(collections: tuple[str, ...] = SHIPPABLE, tunes_per_collection: int | N
             json.dump([asdict(t) for t in tunes], f)
         os.replace(tmp, path)
     return tunes
+
+
+def cache_key(collections: tuple[str, ...], tunes_per_collection: int | None = None) -> str:
+    """What names a parsed corpus: the collections, the tune limit, music21's version and CORPUS_VERSION."""
+    import music21
+
+    key_text = json.dumps([collections, tunes_per_collection, music21.__version__, CORPUS_VERSION])
+    return hashlib.sha256(key_text.encode()).hexdigest()[:16]
 
 
 def _parse_collection(name: str, limit: int | None, progress: Callable[[str], None] | None) -> list[Tune]:

@@ -34,12 +34,14 @@ def meets(kind: str, value: object, target: float) -> bool:
     return {"max": value <= target, "below": value < target, "above": value > target}[kind]
 
 
-def gate(verification: dict) -> list[str]:
-    """What a manifest's verification block fails: parity, pitch and every quality threshold it names."""
+def gate(verification: dict, kind: str) -> list[str]:
+    """What a manifest's verification block fails: parity, pitch (instruments) and every quality threshold
+    it names. `kind` is the manifest's: an instrument's parity is on audio, a composer's on logits."""
     v = verification
     problems = []
-    for what, value_key, limit_key in (("parity", "max_abs_audio", "parity_limit"),
-                                      ("pitch", "max_f0_relative_error", "pitch_limit")):
+    checks = ((("parity", "max_abs_audio", "parity_limit"), ("pitch", "max_f0_relative_error", "pitch_limit"))
+              if kind == "instrument" else (("parity", "max_abs_logits", "parity_limit"),))
+    for what, value_key, limit_key in checks:
         value, limit = (v.get(what) or {}).get(value_key), v.get(limit_key)
         if limit is None or not meets("max", value, limit):
             problems.append(f"{what}: {value_key} {value} against limit {limit}")
@@ -111,7 +113,7 @@ class ModelStore:
 
         Refused, naming the metric, when its verification block misses a gate."""
         manifest = Manifest.read(candidate / MANIFEST)
-        problems = gate(manifest.verification)
+        problems = gate(manifest.verification, manifest.kind)
         if problems:
             raise ModelError(f"{candidate / MANIFEST}: refused to publish: {'; '.join(problems)}")
         versions = [e.manifest.version for e in self.entries() if e.manifest.name == manifest.name]
@@ -123,7 +125,12 @@ class ModelStore:
             shutil.copy2(candidate / manifest.onnx["file"], staging / GRAPH)
             published = replace(manifest, version=version, onnx={**manifest.onnx, "file": GRAPH})
             published.write(staging)
-            FrameModel(staging, device="cpu")  # the contract check, exactly as the daemon will load it
+            if manifest.kind == "composer":  # the contract check, exactly as the daemon will load it
+                from streaming.composer import ComposerModel
+
+                ComposerModel(staging)
+            else:
+                FrameModel(staging, device="cpu")
             final = target_parent / f"{version:06d}"
             os.rename(staging, final)
         except BaseException:

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "verification": verification,
         }
         (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
-        problems = gate(verification)
+        problems = gate(verification, "instrument")
         if problems:
             rejected = work / "rejected" / args.name
             shutil.rmtree(rejected, ignore_errors=True)

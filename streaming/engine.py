@@ -16,11 +16,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from streaming.composer import ComposerGroup, ComposerModel, Note, Voice
 from streaming.controls import Smoother
-from streaming.model import FrameModel, Manifest
+from streaming.model import FrameModel, Manifest, StatePool
 from streaming.ring import Reader, RingBuffer
 
 log = logging.getLogger("wavecast.engine")
@@ -30,64 +32,26 @@ RING_SECONDS = 0.5  # a listener that falls this far behind skips ahead
 class Group:
     """The streams of one model version: the model, its state pool and preallocated batch arrays."""
 
-    def __init__(self, model: FrameModel, capacity: int = 8) -> None:
+    def __init__(self, model: FrameModel) -> None:
         self.model = model
         self.manifest = model.manifest
-        self.capacity = 0
-        self.free: list[int] = []
-        self.pool: dict[str, np.ndarray] = {}
-        self._grow(capacity)
-
-    def _grow(self, capacity: int) -> None:
-        m, old = self.manifest, self.capacity
-        grown = {}
-        for spec in m.states:
-            arr = np.zeros(spec.concrete(capacity), np.float32)
-            if old:
-                arr[self._index(spec.batch_axis, slice(0, old))] = self.pool[spec.name]
-            grown[spec.name] = arr
-        self.pool = grown
-        self.gathered = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in m.states}
-        self.control = np.zeros((capacity, 1, len(m.controls)), np.float32)
-        self.noise = np.zeros((capacity, 1, m.noise), np.float32)
-        self.slots = np.zeros(capacity, np.intp)
-        self.free.extend(range(capacity - 1, old - 1, -1))
-        self.capacity = capacity
-
-    @staticmethod
-    def _index(axis: int, index: slice | np.ndarray | int) -> tuple:
-        return (slice(None),) * axis + (index,)
-
-    def allocate(self) -> int:
-        if not self.free:
-            self._grow(self.capacity * 2)
-        slot = self.free.pop()
-        self.reset(slot)
-        return slot
-
-    def reset(self, slot: int) -> None:
-        for spec in self.manifest.states:
-            self.pool[spec.name][self._index(spec.batch_axis, slot)] = 0.0
-
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
+        self.pool = StatePool(model.manifest)
+        self.control = np.zeros((0, 1, len(self.manifest.controls)), np.float32)
+        self.noise = np.zeros((0, 1, self.manifest.noise), np.float32)
 
     def run(self, streams: list[Stream]) -> np.ndarray:
         """One batched frame for `streams`; writes each stream's audio to its ring and returns the batch."""
         n = len(streams)
-        slots = self.slots[:n]
+        if len(self.control) < n:
+            size = max(n, 2 * len(self.control), 8)
+            self.control = np.zeros((size, 1, len(self.manifest.controls)), np.float32)
+            self.noise = np.zeros((size, 1, self.manifest.noise), np.float32)
+        slots = np.array([s.slot for s in streams], np.intp)
         for i, s in enumerate(streams):
-            slots[i] = s.slot
             s.smoother.step(self.control[i, 0])
             s.rng.random(out=self.noise[i, 0], dtype=np.float32)
-        states = {}
-        for spec in self.manifest.states:
-            view = self.gathered[spec.name][self._index(spec.batch_axis, slice(0, n))]
-            np.take(self.pool[spec.name], slots, axis=spec.batch_axis, out=view)
-            states[spec.name] = view
-        audio, states = self.model.run(self.control[:n], self.noise[:n], states)
-        for spec in self.manifest.states:
-            self.pool[spec.name][self._index(spec.batch_axis, slots)] = states[spec.name]
+        audio, states = self.model.run(self.control[:n], self.noise[:n], self.pool.gather(slots))
+        self.pool.scatter(slots, states)
         for i, s in enumerate(streams):
             s.ring.write(audio[i])
             s.frames += 1
@@ -97,13 +61,17 @@ class Group:
 class Stream:
     """One generated stream; listeners read it through their own `Reader`."""
 
-    def __init__(self, group: Group, seed: int, controls: Mapping[str, float], ring_seconds: float) -> None:
+    def __init__(self, group: Group, seed: int, controls: Mapping[str, float], ring_seconds: float,
+                 voice: Voice | None = None) -> None:
         m = group.manifest
         self.id = uuid.uuid4().hex[:12]
         self.group = group
         self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.smoother = Smoother(m, controls)
+        self.voice = voice  # a composed stream: the voice sets f0 and loudness every frame
+        self.performed = self.smoother.targets.copy()
+        self.played = [self.smoother.names.index(n) for n in ("f0", "loudness")] if voice else []
         self.ring = RingBuffer(int(ring_seconds * m.sample_rate))
         self.slot: int | None = None  # assigned by the inference thread
         self.frames = 0
@@ -124,12 +92,23 @@ class Stream:
     def underruns(self) -> int:
         return self.closed_underruns + sum(r.underruns for r in self.ring.readers())
 
+    def perform(self) -> None:
+        """Take this frame's f0 and loudness from the voice (unsmoothed: the performer shapes them)."""
+        self.performed[self.played] = self.voice.frame_controls(self.frames)
+        self.smoother.jump(self.performed)
+
     def info(self) -> dict:
         m, listeners = self.manifest, len(self.ring.readers())
         buffered = self.ring.min_buffered()
+        composed = {}
+        if self.voice is not None:
+            v = self.voice
+            composed = {"composer": v.group.manifest.name, "composer_version": v.group.manifest.version,
+                        "now_playing": v.now_playing()}
         return {
-            "id": self.id, "model": m.name, "version": m.version, "seed": self.seed,
-            "controls": self.smoother.as_dict(), "state": "playing" if listeners else "idle",
+            "id": self.id, "model": m.name, "version": m.version, "seed": self.seed, **composed,
+            "controls": self.voice.settings if self.voice else self.smoother.as_dict(),
+            "state": "playing" if listeners else "idle",
             "underruns": self.underruns, "listeners": listeners, "frames": self.frames,
             "seconds": round(self.frames * m.frame_seconds, 3),
             "buffered_ms": None if buffered is None else round(1000 * buffered / m.sample_rate, 1),
@@ -153,6 +132,7 @@ class Engine:
         self.buffer_frames = buffer_frames
         self.ring_seconds = ring_seconds
         self.groups: dict[tuple[str, int], Group] = {}
+        self.composers: dict[tuple[str, int], ComposerGroup] = {}
         self.streams: dict[str, Stream] = {}
         self.stats = Stats()
         self._pending: deque[Callable[[], None]] = deque()
@@ -167,11 +147,26 @@ class Engine:
             self.groups[key] = Group(model)
         return self.groups[key]
 
-    def create_stream(self, group: Group, seed: int, controls: Mapping[str, float]) -> Stream:
-        stream = Stream(group, seed, controls, self.ring_seconds)
+    def add_composer(self, model: ComposerModel) -> ComposerGroup:
+        key = (model.manifest.name, model.manifest.version)
+        if key not in self.composers:
+            self.composers[key] = ComposerGroup(model)
+        return self.composers[key]
+
+    def create_stream(self, group: Group, seed: int, controls: Mapping[str, Any],
+                      composer: ComposerGroup | None = None, keep_notes: int | None = 2000) -> Stream:
+        """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated)."""
+        voice = None
+        if composer is not None:
+            f0 = group.manifest.control("f0")
+            voice = Voice(composer, seed, controls, (f0.min, f0.max), group.manifest.frame_seconds, keep_notes)
+            controls = {}
+        stream = Stream(group, seed, controls, self.ring_seconds, voice)
 
         def attach() -> None:
-            stream.slot = group.allocate()
+            stream.slot = group.pool.allocate()
+            if voice is not None:
+                voice.slot = voice.group.pool.allocate()
 
         self._pending.append(attach)
         self.streams[stream.id] = stream
@@ -184,8 +179,11 @@ class Engine:
 
             def detach() -> None:
                 if stream.slot is not None:
-                    stream.group.release(stream.slot)
+                    stream.group.pool.release(stream.slot)
                     stream.slot = None
+                if stream.voice is not None and stream.voice.slot is not None:
+                    stream.voice.group.pool.release(stream.voice.slot)
+                    stream.voice.slot = None
 
             self._pending.append(detach)
             self.notify()
@@ -210,6 +208,7 @@ class Engine:
         if not needy:
             return 0
         started = time.perf_counter()
+        self._compose(needy)
         for group, streams in needy.items():
             group.run(streams)
             self.stats.batches += 1
@@ -220,6 +219,20 @@ class Engine:
         st.busy_seconds += elapsed
         st.max_tick_seconds = max(st.max_tick_seconds, elapsed)
         return made
+
+    @staticmethod
+    def _compose(needy: dict[Group, list[Stream]]) -> None:
+        """Composed streams: one batched composer step for the voices whose next note starts now, then
+        every voice sets its stream's f0 and loudness for the frame."""
+        due: dict[ComposerGroup, list[Voice]] = {}
+        voiced = [s for streams in needy.values() for s in streams if s.voice is not None]
+        for s in voiced:
+            if s.voice.begin_frame(s.frames):
+                due.setdefault(s.voice.group, []).append(s.voice)
+        for composer, voices in due.items():
+            composer.step(voices)
+        for s in voiced:
+            s.perform()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -244,16 +257,30 @@ class Engine:
 
 
 def render(
-    model: FrameModel, seconds: float, seed: int, controls: Mapping[str, float],
-    timeline: list[tuple[float, Mapping[str, float]]] = (), curves: np.ndarray | None = None,
+    model: FrameModel, seconds: float, seed: int, controls: Mapping[str, Any],
+    timeline: list[tuple[float, Mapping[str, Any]]] = (), curves: np.ndarray | None = None,
+    composer: ComposerModel | None = None,
 ) -> np.ndarray:
     """The engine's output for one stream without a clock: the same code path as live streaming.
 
-    `timeline` holds (time in seconds, controls) changes applied at the first frame at or after that time.
-    `curves` [frames, C] (manifest order) gives every frame's controls exactly, bypassing the smoother.
+    `timeline` holds (time in seconds, controls) changes applied at the first frame at or after that time;
+    for a composed stream (`composer` given) `controls` are the composer's and a timeline entry may also
+    hold an "action" (play, pause, reset). `curves` [frames, C] (manifest order) gives every frame's
+    controls exactly, bypassing the smoother.
     """
+    return compose(model, seconds, seed, controls, timeline, curves, composer)[0]
+
+
+def compose(
+    model: FrameModel, seconds: float, seed: int, controls: Mapping[str, Any],
+    timeline: list[tuple[float, Mapping[str, Any]]] = (), curves: np.ndarray | None = None,
+    composer: ComposerModel | None = None,
+) -> tuple[np.ndarray, list[Note]]:
+    """`render`, also returning the notes a composed stream played (empty without a composer)."""
     engine = Engine(buffer_frames=1)
-    stream = engine.create_stream(engine.add_model(model), seed, controls)
+    group = engine.add_model(model)
+    composers = engine.add_composer(composer) if composer is not None else None
+    stream = engine.create_stream(group, seed, controls, composers, keep_notes=None)
     reader = stream.listen()
     hop = model.manifest.hop
     frames = int(round(seconds / model.manifest.frame_seconds))
@@ -262,10 +289,16 @@ def render(
     nxt = next(pending, None)
     for i in range(frames):
         while nxt is not None and nxt[0] <= i * model.manifest.frame_seconds + 1e-9:
-            stream.smoother.set(nxt[1])
+            change = dict(nxt[1])
+            if stream.voice is not None:
+                if "action" in change:
+                    stream.voice.act(change.pop("action"))
+                stream.voice.set(change)
+            else:
+                stream.smoother.set(change)
             nxt = next(pending, None)
         if curves is not None:
             stream.smoother.jump(curves[i])
         engine.tick()
         reader.read(out[i * hop : (i + 1) * hop])
-    return out
+    return out, stream.voice.notes if stream.voice is not None else []

@@ -23,6 +23,7 @@ ort.set_default_logger_severity(3)
 MANIFEST = "model.json"
 GRAPH = "model.onnx"
 BATCH = "B"  # placeholder for the batch axis in manifest state shapes
+KINDS = ("instrument", "composer")
 
 
 class ModelError(Exception):
@@ -56,13 +57,14 @@ class StateSpec:
 class Manifest:
     name: str
     version: int
-    kind: str
-    sample_rate: int
+    kind: str  # "instrument" (the frame contract) or "composer" (streaming.composer's note contract)
+    sample_rate: int  # instrument only (0 for a composer), as are hop and noise
     hop: int
     controls: tuple[Control, ...]
     states: tuple[StateSpec, ...]
     noise: int
     onnx: dict[str, Any]  # file, sha256, opset
+    vocabulary: dict[str, Any] = field(default_factory=dict)  # composer only: see streaming.notes
     training: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
@@ -130,13 +132,19 @@ class Manifest:
         onnx = need(raw, "onnx", dict, "")
         for key, kind in (("file", str), ("sha256", str), ("opset", int)):
             need(onnx, key, kind, "onnx.")
+        kind = need(raw, "kind", str, "")
+        if kind not in KINDS:
+            raise ModelError(f"{where}: field 'kind' is '{kind}', expected one of {', '.join(KINDS)}")
+        audio = kind == "instrument"
         manifest = cls(
-            name=need(raw, "name", str, ""), version=need(raw, "version", int, ""), kind=need(raw, "kind", str, ""),
-            sample_rate=need(raw, "sample_rate", int, ""), hop=need(raw, "hop", int, ""),
-            controls=tuple(controls), states=tuple(states), noise=need(raw, "noise", int, ""), onnx=onnx,
+            name=need(raw, "name", str, ""), version=need(raw, "version", int, ""), kind=kind,
+            sample_rate=need(raw, "sample_rate", int, "") if audio else 0,
+            hop=need(raw, "hop", int, "") if audio else 0,
+            controls=tuple(controls), states=tuple(states), noise=need(raw, "noise", int, "") if audio else 0,
+            onnx=onnx, vocabulary=need(raw, "vocabulary", dict, "") if not audio else {},
             training=raw.get("training", {}), verification=raw.get("verification", {}), source=raw.get("source", {}),
         )
-        if manifest.sample_rate <= 0 or manifest.hop <= 0 or manifest.noise < 0:
+        if audio and (manifest.sample_rate <= 0 or manifest.hop <= 0 or manifest.noise < 0):
             raise ModelError(f"{where}: fields 'sample_rate', 'hop' and 'noise' must be positive")
         return manifest
 
@@ -169,21 +177,86 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return so
 
 
+def checked_graph(directory: Path, manifest: Manifest) -> Path:
+    """The graph file the manifest names, after checking that it exists and matches its sha256."""
+    graph = directory / manifest.onnx["file"]
+    if not graph.is_file():
+        raise ModelError(f"{graph}: graph file named by field 'onnx.file' is missing")
+    digest = file_sha256(graph)
+    if digest != manifest.onnx["sha256"]:
+        raise ModelError(
+            f"{graph}: sha256 {digest[:12]}… does not match field 'onnx.sha256' "
+            f"{manifest.onnx['sha256'][:12]}… in {directory / MANIFEST}; re-export or re-publish it"
+        )
+    return graph
+
+
+class StatePool:
+    """The state tensors of many streams of one model, one slot each (grows by doubling), with
+    preallocated buffers to gather a batch of slots and scatter the results back."""
+
+    def __init__(self, manifest: Manifest, capacity: int = 8) -> None:
+        self.states = manifest.states
+        self.capacity = 0
+        self.free: list[int] = []
+        self.pool: dict[str, np.ndarray] = {}
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        grown = {}
+        for spec in self.states:
+            arr = np.zeros(spec.concrete(capacity), np.float32)
+            if old:
+                arr[self._index(spec.batch_axis, slice(0, old))] = self.pool[spec.name]
+            grown[spec.name] = arr
+        self.pool = grown
+        self.gathered = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
+        self.free.extend(range(capacity - 1, old - 1, -1))
+        self.capacity = capacity
+
+    @staticmethod
+    def _index(axis: int, index: slice | np.ndarray | int) -> tuple:
+        return (slice(None),) * axis + (index,)
+
+    def allocate(self) -> int:
+        if not self.free:
+            self._grow(self.capacity * 2)
+        slot = self.free.pop()
+        self.reset(slot)
+        return slot
+
+    def reset(self, slot: int) -> None:
+        for spec in self.states:
+            self.pool[spec.name][self._index(spec.batch_axis, slot)] = 0.0
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """The states of `slots`, batched (views of preallocated buffers, valid until the next gather)."""
+        states = {}
+        for spec in self.states:
+            view = self.gathered[spec.name][self._index(spec.batch_axis, slice(0, len(slots)))]
+            np.take(self.pool[spec.name], slots, axis=spec.batch_axis, out=view)
+            states[spec.name] = view
+        return states
+
+    def scatter(self, slots: np.ndarray, states: dict[str, np.ndarray]) -> None:
+        for spec in self.states:
+            self.pool[spec.name][self._index(spec.batch_axis, slots)] = states[spec.name]
+
+
 class FrameModel:
     """A checked ONNX frame model: `run` advances B streams by F frames."""
 
     def __init__(self, directory: Path, device: str = "auto", threads: int = 1) -> None:
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory / MANIFEST)
-        graph = self.directory / self.manifest.onnx["file"]
-        if not graph.is_file():
-            raise ModelError(f"{graph}: graph file named by field 'onnx.file' is missing")
-        digest = file_sha256(graph)
-        if digest != self.manifest.onnx["sha256"]:
-            raise ModelError(
-                f"{graph}: sha256 {digest[:12]}… does not match field 'onnx.sha256' "
-                f"{self.manifest.onnx['sha256'][:12]}… in {self.directory / MANIFEST}; re-export or re-publish it"
-            )
+        if self.manifest.kind != "instrument":
+            raise ModelError(f"{self.directory / MANIFEST}: field 'kind' is '{self.manifest.kind}', an instrument "
+                             "is needed here")
+        graph = checked_graph(self.directory, self.manifest)
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         try:

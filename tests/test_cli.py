@@ -7,6 +7,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from streaming.analysis import estimate_f0
 from tests.conftest import ROOT, wavecast_command
@@ -45,8 +46,35 @@ def test_render_refuses_bad_controls_and_models(tmp_path: Path) -> None:
     result = wavecast("render", "--model", "nope", "--seconds", "1", "--out", str(out))
     assert result.returncode == 2 and "unknown model 'nope'" in result.stderr and "wavecast train" in result.stderr
     result = wavecast("render", "--seconds", "1", "--control", "f0", "--out", str(out))
-    assert result.returncode == 2 and "expected NAME=NUMBER" in result.stderr
+    assert result.returncode == 2 and "expected NAME=VALUE" in result.stderr
+    result = wavecast("render", "--seconds", "1", "--control", "f0=high", "--out", str(out))
+    assert result.returncode == 2 and "control 'f0' must be a number" in result.stderr
+    result = wavecast("render", "--seconds", "1", "--midi", str(tmp_path / "x.mid"), "--out", str(out))
+    assert result.returncode == 2 and "add --composer" in result.stderr
+    result = wavecast("render", "--model", "folk", "--seconds", "1", "--out", str(out))
+    assert result.returncode == 2 and "an instrument is needed" in result.stderr
+    result = wavecast("render", "--model", "violin", "--composer", "folk", "--seconds", "1",
+                      "--control", "scale=D blues", "--out", str(out))
+    assert result.returncode == 2 and "the mode one of" in result.stderr
+    result = wavecast("render", "--model", "violin", "--composer", "folk", "--seconds", "1",
+                      "--change", "0.5:tempo=999", "--out", str(out))
+    assert result.returncode == 2 and "'tempo' = 999" in result.stderr
     assert not out.exists()
+
+
+def test_render_a_composed_piece_with_its_notes(tmp_path: Path) -> None:
+    args = ["render", "--model", "violin", "--composer", "folk", "--seconds", "4", "--seed", "7",
+            "--control", "scale=G major", "--control", "tempo=150", "--change", "2:action=reset"]
+    first = wavecast(*args, "--out", str(tmp_path / "a.wav"), "--midi", str(tmp_path / "a.mid"))
+    assert first.returncode == 0, first.stderr
+    again = wavecast(*args, "--out", str(tmp_path / "b.wav"), "--midi", str(tmp_path / "b.mid"))
+    assert again.returncode == 0 and (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+    midi = (tmp_path / "a.mid").read_bytes()
+    assert midi == (tmp_path / "b.mid").read_bytes() and midi.startswith(b"MThd")
+    mido = pytest.importorskip("mido")
+    notes = [m for m in mido.MidiFile(tmp_path / "a.mid") if m.type == "note_on"]
+    assert len(notes) >= 6 and all(m.note % 12 in (7, 9, 11, 0, 2, 4, 6) for m in notes)  # G major
+    assert f"{len(notes)} notes" in first.stderr
 
 
 def test_models_lists_the_shipped_default() -> None:

@@ -1,0 +1,293 @@
+"""`wavecast train composer`: parse the folk corpus, train the note LSTM, export to ONNX, verify, publish.
+
+Read top to bottom. Each tune becomes per-event tokens (pitch, duration) and features (bar position, key,
+density, register, metre; streaming.notes.features, exactly as the live sampler builds them). Training crops
+are transposed by a random -6..+5 semitones; held-out tunes (1 in 20, untransposed) measure the model's
+negative log-likelihood per event against unigram and bigram baselines counted on the training tunes.
+Training is resumable: a checkpoint is written every CHECKPOINT_EVERY steps into the work directory and
+picked up again by the same command (same corpus, settings and model code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import composer, corpus
+from models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
+from models.store import ModelStore, default_work, gate
+from models.train import code_revision
+from streaming import notes
+from streaming.model import Manifest
+from streaming.notes import DURATIONS, FEATURES, MODES, PITCH_HIGH, PITCH_LOW, PITCH_TOKENS, START, Scale
+
+CHECKPOINT_EVERY = 100
+PARITY_LIMIT = 1e-4  # max |torch - ORT| logits over the stateful parity run
+PARITY_STEPS = 96
+NLL_RATIO_LIMIT = 1.0  # held-out NLL must be below the bigram baseline's
+QUICK_TUNES = 20  # --quick: the first tunes of each of (at most) the first two collections
+SHIFTS = range(-6, 6)  # transposition augmentation, semitones
+START_CROP = 0.25  # share of training crops that begin at a tune's first event (from the START state)
+EVAL_BATCH = 32
+
+
+def log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Song:
+    """One tune, untransposed, as arrays over its events."""
+
+    midi: np.ndarray  # [n] int, -1 = rest
+    durations: np.ndarray  # [n] duration tokens
+    positions: np.ndarray  # [n] quarter notes from the start of the first bar to each event's onset
+    bar: float
+    scale: Scale
+    density: float
+    triple: bool
+
+    @classmethod
+    def of(cls, tune: corpus.Tune) -> Song:
+        quarters = np.array([q for _, q in tune.events], float)
+        onsets = tune.start + np.concatenate([[0.0], np.cumsum(quarters)[:-1]])
+        return cls(np.array([-1 if m is None else m for m, _ in tune.events]),
+                   np.array([notes.duration_token(q) for q in quarters]), onsets, tune.bar, Scale.parse(tune.scale),
+                   notes.density_value(len(quarters) / quarters.sum()), tune.triple)
+
+    def __len__(self) -> int:
+        return len(self.midi)
+
+    def sequence(self, shift: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Transposed by `shift` semitones (notes fold into range by octaves): inputs [n,2] (the previous
+        event's tokens, START first), features [n,FEATURES] for each event, targets [n,2]."""
+        pitch = np.array([0 if m < 0 else notes.pitch_token(int(m) + shift) for m in self.midi])
+        targets = np.stack([pitch, self.durations], -1)
+        inputs = np.concatenate([[[START, START]], targets[:-1]])
+        sounding = [notes.token_midi(int(p)) for p in pitch if p]
+        register = notes.register_value(float(np.median(sounding)))
+        scale = Scale((self.scale.tonic + shift) % 12, self.scale.mode)
+        feats = np.empty((len(self), FEATURES), np.float32)
+        for i, pos in enumerate(self.positions):
+            notes.features(feats[i], float(pos), self.bar, scale, self.density, register, self.triple)
+        return inputs, feats, targets
+
+
+def sample_batch(songs: list[Song], batch: int, length: int, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, ...]:
+    """Random transposed crops: inputs [B,L,2], features [B,L,F], targets [B,L,2], mask [B,L] (short tunes pad)."""
+    sizes = np.array([len(s) for s in songs], float)
+    picks = rng.choice(len(songs), size=batch, p=sizes / sizes.sum())  # every event about equally likely
+    inputs = np.zeros((batch, length, 2), np.int64)
+    feats = np.zeros((batch, length, FEATURES), np.float32)
+    targets = np.zeros((batch, length, 2), np.int64)
+    mask = np.zeros((batch, length), np.float32)
+    for i, k in enumerate(picks):
+        song = songs[k]
+        first = 0 if rng.random() < START_CROP else int(rng.integers(0, max(1, len(song) - length + 1)))
+        x, f, y = (a[first : first + length] for a in song.sequence(int(rng.choice(SHIFTS))))
+        inputs[i, : len(x)], feats[i, : len(x)], targets[i, : len(x)], mask[i, : len(x)] = x, f, y, 1.0
+    return tuple(torch.from_numpy(a) for a in (inputs, feats, targets, mask))
+
+
+def model_nll(model: Composer, songs: list[Song], device: str) -> float:
+    """Mean nats per held-out event, each tune read whole from the START token and zero state."""
+    total, count = 0.0, 0
+    order = sorted(songs, key=len)
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(order), EVAL_BATCH):
+            group = [s.sequence() for s in order[lo : lo + EVAL_BATCH]]
+            n = max(len(x) for x, _, _ in group)
+            inputs = torch.zeros((len(group), n, 2), dtype=torch.int64)
+            feats = torch.zeros((len(group), n, FEATURES))
+            targets = torch.zeros((len(group), n, 2), dtype=torch.int64)
+            mask = torch.zeros((len(group), n))
+            for i, (x, f, y) in enumerate(group):
+                inputs[i, : len(x)], feats[i, : len(x)] = torch.from_numpy(x), torch.from_numpy(f)
+                targets[i, : len(x)], mask[i, : len(x)] = torch.from_numpy(y), 1.0
+            h, c = (s.to(device) for s in model.initial_state(len(group)))
+            pitch, duration, _, _ = model(inputs.to(device), feats.to(device), h, c)
+            total += float((event_nll(pitch, duration, targets.to(device)) * mask.to(device)).sum())
+            count += int(mask.sum())
+    model.train()
+    return total / count
+
+
+def baseline_nll(train: list[Song], heldout: list[Song]) -> dict:
+    """Held-out nats per event of two count models on the untransposed training events: a unigram
+    p(pitch) p(duration) with add-one smoothing, and a bigram p(pitch | previous pitch) p(duration | previous
+    duration) (START included) interpolated with that unigram, p = (c(prev, x) + a p_uni(x)) / (c(prev) + a).
+    The interpolation weight a is the one that suits the held-out tunes best, which favours the baseline."""
+    seqs = [[s.sequence()[0::2] for s in group] for group in (train, heldout)]  # (inputs, targets) per tune
+    sizes = (PITCH_TOKENS, len(DURATIONS))
+    uni = [np.ones(size) for size in sizes]
+    pair = [np.zeros((PITCH_TOKENS + 1, size)) for size in sizes]  # previous token (START last) -> next
+    for x, y in seqs[0]:
+        for j in range(2):
+            np.add.at(uni[j], y[:, j], 1.0)
+            np.add.at(pair[j], (np.minimum(x[:, j], PITCH_TOKENS), y[:, j]), 1.0)
+    uni = [u / u.sum() for u in uni]
+    x = np.concatenate([x for x, _ in seqs[1]])
+    y = np.concatenate([y for _, y in seqs[1]])
+    prev = np.minimum(x, PITCH_TOKENS)
+    unigram = -sum(np.log(uni[j][y[:, j]]).mean() for j in range(2))
+    best: tuple[float, float] = (math.inf, 0.0)
+    for a in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0):
+        nll = -sum(np.log((pair[j][prev[:, j], y[:, j]] + a * uni[j][y[:, j]]) / (pair[j][prev[:, j]].sum(1) + a))
+                   .mean() for j in range(2))
+        best = min(best, (float(nll), a))
+    return {"unigram_nll": float(unigram), "bigram_nll": best[0], "bigram_interpolation": best[1],
+            "heldout_events": len(y)}
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> Path:
+    started, revision = time.time(), code_revision()  # the code this run starts with
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    steps = args.steps or (300 if args.quick else 2500)
+    batch = args.batch or (16 if args.quick else 32)
+    length = args.length or (32 if args.quick else 64)
+    collections = tuple(args.collections)[:2] if args.quick else tuple(args.collections)
+    limit = QUICK_TUNES if args.quick else None
+    work = args.work or default_work()
+    corpus_key = corpus.cache_key(collections, limit)
+    log(f"corpus: music21 {', '.join(collections)}" + (f", first {limit} tunes each" if limit else "")
+        + f" (cache {corpus_key})")
+    tunes = corpus.load(collections, limit, cache_dir=work / "data", progress=lambda line: log(f"corpus: {line}"))
+    held = [t.heldout for t in tunes]
+    if not any(held):  # a small corpus may have none by hash: hold out its last tune
+        held[-1] = True
+    train = [Song.of(t) for t, h in zip(tunes, held, strict=True) if not h]
+    heldout = [Song.of(t) for t, h in zip(tunes, held, strict=True) if h]
+    log(f"corpus: {len(train)} training tunes ({sum(map(len, train))} events), {len(heldout)} held out "
+        f"({sum(map(len, heldout))} events)")
+
+    cfg = ComposerConfig(hidden=args.hidden)
+    model = Composer(cfg).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    model_code = hashlib.sha256(Path(composer.__file__).read_bytes()).hexdigest()[:12]
+    settings = {"corpus": corpus_key, "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
+                "batch": batch, "length": length, "lr": args.lr, "seed": args.seed}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    ckpt_path = work / "runs" / f"{args.name}-{digest}.pt"
+    first, history, earlier_seconds = 0, [], 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=args.device)
+        if ckpt["settings"] == settings:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            first, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
+            log(f"resuming from {ckpt_path} at step {first}")
+
+    rng = np.random.default_rng(args.seed + first)
+    warmup = max(1, steps // 20)
+    t0, last = time.time(), first
+    model.train()
+    for step in range(first, steps):
+        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, feats, targets, mask = (t.to(args.device) for t in sample_batch(train, batch, length, rng))
+        h, c = (s.to(args.device) for s in model.initial_state(batch))
+        pitch, duration, _, _ = model(inputs, feats, h, c)
+        loss = (event_nll(pitch, duration, targets) * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append(loss.item())
+        done = step + 1
+        if done % 25 == 0 or done == steps:
+            rate = (time.time() - t0) / (done - last)
+            log(f"step {done}/{steps} loss {np.mean(history[-25:]):.4f} nats/event lr {lr:.2e} "
+                f"{rate:.2f} s/step, eta {rate * (steps - done) / 60:.1f} min")
+        if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": done, "history": history, "seconds": earlier_seconds + time.time() - started}, tmp)
+            os.replace(tmp, ckpt_path)
+
+    log(f"held-out NLL on {len(heldout)} tunes, against unigram and bigram baselines")
+    baselines = baseline_nll(train, heldout)
+    nll = model_nll(model, heldout, args.device)
+    ratio = nll / baselines["bigram_nll"]
+    log(f"held-out nats/event: model {nll:.4f}, unigram {baselines['unigram_nll']:.4f}, "
+        f"bigram {baselines['bigram_nll']:.4f} (ratio {ratio:.3f})")
+
+    model = model.cpu().eval()
+    with tempfile.TemporaryDirectory(prefix="wavecast-export-") as tmp:
+        candidate = Path(tmp)
+        onnx = export_onnx(model, candidate)
+        log(f"verifying: torch vs ONNX Runtime over {PARITY_STEPS} stateful steps")
+        parity = verify_parity(model, candidate / onnx["file"], steps=PARITY_STEPS)
+        log(f"parity max |torch-ORT| logits {parity['max_abs_logits']:.2e}")
+        verification = {
+            "parity": parity, "parity_limit": PARITY_LIMIT,
+            "quality": {"nll": nll, "unigram_nll": baselines["unigram_nll"], "bigram_nll": baselines["bigram_nll"],
+                        "nll_ratio_to_bigram": ratio, "heldout_events": baselines["heldout_events"],
+                        "baselines": "counted on the untransposed training tunes; unigram add-one, bigram "
+                                     "interpolated with the unigram (weight "
+                                     f"{baselines['bigram_interpolation']:g}, the best for the held-out tunes)"},
+            "thresholds": {"nll_ratio_to_bigram": ["below", NLL_RATIO_LIMIT]},
+        }
+        final = {
+            "name": args.name, "version": 1, "kind": "composer", "controls": [],
+            "states": [{"name": k, "shape": v} for k, v in state_shapes(model).items()], "onnx": onnx,
+            "vocabulary": {"pitch_low": PITCH_LOW, "pitch_high": PITCH_HIGH, "durations": list(DURATIONS),
+                           "features": FEATURES, "modes": list(MODES)},
+            "source": {"corpus": f"music21 {corpus_version()}",
+                       "collections": {name: corpus.COLLECTIONS[name].licence for name in collections},
+                       "tunes": len(tunes), "heldout_tunes": len(heldout)},
+            "training": {
+                "command": " ".join(["wavecast", *argv]), "model": cfg.to_dict(), "steps": steps, "batch": batch,
+                "length": length, "lr": args.lr, "seed": args.seed, "augmentation": "transpose -6..+5 semitones",
+                "seconds": round(earlier_seconds + time.time() - started, 1), "device": args.device,
+                "final_loss": float(np.mean(history[-25:])), "code_revision": revision, "torch": torch.__version__,
+                "corpus_cache_key": corpus_key,
+            },
+            "verification": verification,
+        }
+        Manifest.from_dict(final, "candidate")  # the fields the loader needs, checked before anything is written
+        (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
+        problems = gate(verification, "composer")
+        if problems:
+            rejected = work / "rejected" / args.name
+            shutil.rmtree(rejected, ignore_errors=True)
+            shutil.copytree(candidate, rejected)
+            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published and is "
+                             f"kept for inspection in {rejected} (train longer with --steps, or use more tunes)")
+        if args.out:
+            from streaming.composer import ComposerModel
+
+            args.out.mkdir(parents=True, exist_ok=True)
+            for name in ("model.onnx", "model.json"):
+                (args.out / name).write_bytes((candidate / name).read_bytes())
+            ComposerModel(args.out)  # the contract check, exactly as the daemon will load it
+            log(f"wrote {args.out} in {time.time() - started:.0f} s")
+            ckpt_path.unlink(missing_ok=True)
+            return args.out
+        entry = ModelStore(args.store).publish(candidate)
+    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
+    log(f"published {entry.manifest.name} v{entry.manifest.version} to {entry.directory} "
+        f"in {time.time() - started:.0f} s")
+    return entry.directory
+
+
+def corpus_version() -> str:
+    import music21
+
+    return str(music21.__version__)

@@ -1,0 +1,197 @@
+"""The composer on the shipped models: a real ONNX composer writing notes for a real ONNX instrument.
+
+Renders run the engine's own code path (`streaming.engine.compose`); the live test runs `wavecast serve`
+with an aiortc client on 127.0.0.1 and checks it plays the same notes as the render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.client import Listener
+from models.quality import count_clicks
+from models.store import SHIPPED
+from streaming.analysis import estimate_f0
+from streaming.composer import ComposerModel, Note
+from streaming.engine import compose
+from streaming.model import FrameModel
+from streaming.notes import Scale
+from tests.conftest import Server
+
+SR, HOP = 48_000, 480
+COMPOSER_DIR = Path(os.environ.get("WAVECAST_TEST_COMPOSER", SHIPPED / "folk"))
+
+
+@pytest.fixture(scope="module")
+def composer() -> ComposerModel:
+    return ComposerModel(COMPOSER_DIR)
+
+
+@pytest.fixture(scope="module")
+def violin() -> FrameModel:
+    return FrameModel(SHIPPED / "violin", device="cpu")
+
+
+def key(notes: list[Note]) -> list[tuple]:
+    return [(n.frame, n.frames, n.midi, n.quarters) for n in notes]
+
+
+def frame_db(audio: np.ndarray) -> np.ndarray:
+    frames = audio[: len(audio) // HOP * HOP].reshape(-1, HOP).astype(np.float64)
+    return 10 * np.log10(np.maximum(np.mean(frames**2, axis=1), 1e-12))
+
+
+def onsets(audio: np.ndarray, volume: float) -> int:
+    """Note onsets heard in the audio: the frame level rising through 12 dB below the playing volume."""
+    loud = frame_db(audio) > volume - 12.0
+    return int(np.sum(loud[1:] & ~loud[:-1]))
+
+
+def entropy_bits(values: list) -> float:
+    counts = np.array(list(Counter(values).values()), float)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_same_seed_same_piece_other_seed_another(violin: FrameModel, composer: ComposerModel) -> None:
+    controls = {"tempo": 120, "scale": "D dorian"}
+    audio, notes = compose(violin, 6.0, 7, controls, composer=composer)
+    again, notes_again = compose(violin, 6.0, 7, controls, composer=composer)
+    other, other_notes = compose(violin, 6.0, 8, controls, composer=composer)
+    assert len(notes) >= 8 and np.array_equal(audio, again) and key(notes) == key(notes_again)
+    assert key(other_notes) != key(notes) and not np.array_equal(audio, other)
+    assert frame_db(audio).max() > -30  # it plays
+
+
+def test_tempo_sets_the_onset_rate_heard(violin: FrameModel, composer: ComposerModel) -> None:
+    controls = {"legato": 0.0, "volume": -20.0, "scale": "G major", "top_k": 4}
+    slow, slow_notes = compose(violin, 16.0, 3, controls | {"tempo": 60}, composer=composer)
+    fast, fast_notes = compose(violin, 16.0, 3, controls | {"tempo": 180}, composer=composer)
+    heard_slow, heard_fast = onsets(slow, -20.0), onsets(fast, -20.0)
+    assert heard_slow >= 5, heard_slow
+    assert 2.5 < heard_fast / heard_slow < 3.5, (heard_slow, heard_fast)
+    sounding = sum(n.midi is not None for n in fast_notes)
+    assert abs(heard_fast - sounding) <= max(2, 0.1 * sounding)  # every note is heard, once
+
+
+def test_scale_constrains_notes_and_the_audio_agrees(violin: FrameModel, composer: ComposerModel) -> None:
+    scale = Scale.parse("E minor")
+    audio, notes = compose(violin, 12.0, 11, {"scale": "E minor", "tempo": 80, "vibrato": 0.0, "legato": 0.8},
+                           composer=composer)
+    pitched = [n for n in notes if n.midi is not None]
+    assert len(pitched) >= 8
+    assert sum(n.midi % 12 in scale.pitch_classes for n in pitched) >= 0.95 * len(pitched)
+    checked = 0
+    for n in pitched:
+        if n.frames < 20:
+            continue
+        start = (n.frame + 6) * HOP  # past the attack and any glide
+        heard = estimate_f0(audio[start : start + 8 * HOP], SR, fmin=150.0)
+        expected = 440.0 * 2 ** ((n.midi - 69) / 12)
+        assert math.isfinite(heard) and abs(1200 * math.log2(heard / expected)) < 25, (n, heard)
+        checked += 1
+    assert checked >= 3
+
+
+def test_temperature_changes_note_entropy(violin: FrameModel, composer: ComposerModel) -> None:
+    base = {"top_k": 62, "tempo": 240, "scale": "C major"}
+    _, cold = compose(violin, 20.0, 5, base | {"temperature": 0.2}, composer=composer)
+    _, hot = compose(violin, 20.0, 5, base | {"temperature": 1.5}, composer=composer)
+    cold_bits = entropy_bits([(n.midi, n.quarters) for n in cold])
+    hot_bits = entropy_bits([(n.midi, n.quarters) for n in hot])
+    assert hot_bits > cold_bits + 0.5, (cold_bits, hot_bits)
+
+
+def test_a_change_mid_stream_affects_only_the_following_notes(violin: FrameModel, composer: ComposerModel) -> None:
+    controls = {"scale": "D major", "tempo": 150}
+    audio, notes = compose(violin, 8.0, 21, controls, composer=composer)
+    changed, changed_notes = compose(violin, 8.0, 21, controls, [(4.0, {"scale": "Eb major"})], composer=composer)
+    cut = 400  # frame of the change
+    before = [n for n in notes if n.frame < cut]
+    assert key([n for n in changed_notes if n.frame < cut]) == key(before) and len(before) >= 4
+    assert np.array_equal(audio[: cut * HOP], changed[: cut * HOP])
+    after = [n for n in changed_notes if n.frame >= cut and n.midi is not None]
+    assert after and all(n.midi % 12 in Scale.parse("Eb major").pitch_classes for n in after)
+    assert key(after) != key([n for n in notes if n.frame >= cut and n.midi is not None])
+
+
+def test_pause_play_and_reset(violin: FrameModel, composer: ComposerModel) -> None:
+    controls = {"tempo": 120, "legato": 0.7}
+    audio, notes = compose(violin, 9.0, 4, controls, [(2.0, {"action": "pause"}), (4.0, {"action": "play"}),
+                                                      (6.0, {"action": "reset"})], composer=composer)
+    level = frame_db(audio)
+    assert level[215:395].max() < -60  # paused: silent within 150 ms, and no note started
+    assert not [n for n in notes if 200 < n.frame < 400]
+    assert level[420:580].max() > -35  # playing again
+    first = [n.midi for n in notes if n.frame < 200][:4]
+    restarted = [n.midi for n in notes if n.frame >= 600][:4]
+    assert restarted == first  # reset begins the piece again from the seed
+    assert count_clicks(audio) == 0  # no clicks at pause, play or reset
+
+
+async def live_matches_render(server: Server) -> None:
+    body = {"model": "violin", "composer": "folk", "seed": 7,
+            "controls": {"tempo": 150, "scale": "A mixolydian", "register": "high"}}
+    status, created = server.request("POST", "/v1/streams", body)
+    assert status == 201 and created["composer"] == "folk", created
+    sid = created["id"]
+    listener = await Listener.connect(server.url, sid)
+    try:
+        audio = await listener.collect(3.0)
+        assert frame_db(audio).max() > -35
+        assert listener.now_playing and listener.now_playing[-1]["key"] == "A mixolydian"
+        reply = await listener.send({"action": "pause"})
+        assert reply["type"] == "controls" and reply["controls"]["scale"] == "A mixolydian"
+        await listener.collect(0.5)
+        info = server.request("GET", f"/v1/streams/{sid}")[1]
+        assert info["now_playing"]["state"] == "paused"
+        quiet = await listener.collect(0.5)
+        assert frame_db(quiet).max() < -60
+        reply = await listener.send({"controls": {"scale": "Q lydian"}})
+        assert reply["type"] == "error" and reply["error"]["code"] == "invalid_control"
+    finally:
+        await listener.close()
+    played = server.request("GET", f"/v1/streams/{sid}/notes")[1]
+    live = [(n["frame"], n["midi"], n["quarters"]) for n in played["notes"]]
+    _, rendered = compose(FrameModel(SHIPPED / "violin", device="cpu"), 3.0, 7, body["controls"],
+                          composer=ComposerModel(COMPOSER_DIR))
+    expected = [(n.frame, n.midi, n.quarters) for n in rendered]
+    assert len(live) >= 5 and live[: len(expected) - 1] == expected[: len(live)][: len(expected) - 1]
+
+
+def test_live_composed_stream_plays_the_rendered_notes(server: Server) -> None:
+    asyncio.run(live_matches_render(server))
+
+
+def test_composer_api_errors(server: Server) -> None:
+    cases = [
+        ({"model": "violin", "composer": "nope"}, 404, "unknown_model"),
+        ({"model": "folk"}, 422, "wrong_model_kind"),
+        ({"model": "violin", "composer": "violin"}, 422, "wrong_model_kind"),
+        ({"model": "violin", "composer": "folk", "controls": {"scale": "H major"}}, 422, "invalid_control"),
+        ({"model": "violin", "composer": "folk", "controls": {"top_k": 2.5}}, 422, "invalid_control"),
+        ({"model": "violin", "composer": "folk", "controls": {"tempo": float("inf")}}, 422, "invalid_control"),
+        ({"model": "violin", "composer": "folk", "controls": {"f0": 440}}, 422, "invalid_control"),
+    ]
+    for body, status, code in cases:
+        got, reply = server.request("POST", "/v1/streams", body)
+        assert (got, reply["error"]["code"]) == (status, code), (body, reply)
+    plain = server.request("POST", "/v1/streams", {"model": "violin"})[1]["id"]
+    status, reply = server.request("PATCH", f"/v1/streams/{plain}", {"action": "pause"})
+    assert status == 422 and reply["error"]["code"] == "invalid_action"
+    composed = server.request("POST", "/v1/streams", {"model": "violin", "composer": "folk"})[1]["id"]
+    status, reply = server.request("PATCH", f"/v1/streams/{composed}", {"action": "rewind"})
+    assert status == 422 and reply["error"]["code"] == "invalid_action"
+    status, reply = server.request("PATCH", f"/v1/streams/{composed}", {"controls": {"tempo": 70}, "action": "reset"})
+    assert status == 200 and reply["controls"]["tempo"] == 70
+    status, models = server.request("GET", "/v1/models")
+    folk = next(m for m in models["models"] if m["name"] == "folk")
+    assert folk["kind"] == "composer" and {"tempo", "scale", "top_k"} <= {c["name"] for c in folk["controls"]}
+    assert folk["verification"]["quality"]["nll"] < folk["verification"]["quality"]["bigram_nll"]
