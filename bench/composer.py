@@ -5,7 +5,8 @@ Renders a composed piece through the engine (the same path as a live stream), wr
 (piano roll over spectrogram) and JSON with figures about the notes: how many, how many in the requested
 scale, the phrases (runs ended by a rest or a note twice the median length), how often 4-note melodic
 shapes recur (repetition) and how often they recur at another pitch or only as a contour (variation).
-Then it times one batched composer step for 1..256 voices. Prints a summary to stdout, progress to stderr.
+Then it shows what density, register and temperature do to the notes, and times one batched composer step
+for 1..256 voices. Prints a summary to stdout, progress to stderr.
 """
 
 from __future__ import annotations
@@ -79,6 +80,30 @@ def note_figures(notes: list[Note], scale: Scale) -> dict[str, Any]:
         "transposed_repeat_fraction": sum(c for s, c in counts.items() if len(starts[s]) > 1) / max(1, len(shapes)),
         "contour_repeat_fraction": sum(c for c in contours.values() if c > 1) / max(1, len(shapes)),
     }
+
+
+RESPONSES = [("density", 0.0), ("density", 0.5), ("density", 1.0), ("register", "low"), ("register", "mid"),
+             ("register", "high"), ("temperature", 0.3), ("temperature", 1.5)]
+
+
+def control_response(model: FrameModel, composer: ComposerModel, seconds: float, seeds: int) -> list[dict]:
+    """What a control does to the notes: notes per quarter note, median pitch and the entropy of the notes
+    (pitch, duration) in bits, averaged over `seeds` renders at tempo 120 in D major."""
+    rows = []
+    for name, value in RESPONSES:
+        rate, median, bits = [], [], []
+        for seed in range(seeds):
+            _, notes = compose(model, seconds, seed, {"tempo": 120, name: value}, composer=composer)
+            pitched = [n.midi for n in notes if n.midi is not None]
+            rate.append(len(notes) / sum(n.quarters for n in notes))
+            median.append(float(np.median(pitched)))
+            counts = np.array(list(Counter((n.midi, n.quarters) for n in notes).values()), float)
+            bits.append(float(-(counts / counts.sum() * np.log2(counts / counts.sum())).sum()))
+        rows.append({"control": name, "value": value, "notes_per_quarter": float(np.mean(rate)),
+                     "median_midi": float(np.mean(median)), "entropy_bits": float(np.mean(bits))})
+        log(f"{name}={value}: {rows[-1]['notes_per_quarter']:.2f} notes a quarter, median MIDI "
+            f"{rows[-1]['median_midi']:.1f}, {rows[-1]['entropy_bits']:.2f} bits")
+    return rows
 
 
 def time_steps(composer: ComposerModel, batches: list[int], repeats: int) -> list[dict]:
@@ -159,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "x_real_time": seconds / elapsed, "figures": figures, "wav": str(wav), "midi": str(midi),
         "first_notes": [n.to_dict() for n in notes[:24]],
         "composer_nll": composer.manifest.verification.get("quality"),
+        "control_response": control_response(model, composer, 5.0 if args.quick else 20.0, 1 if args.quick else 3),
         "step_cost": time_steps(composer, [1, 16, 64, 256], 5 if args.quick else 50),
     }
     try:
@@ -175,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
           f"of {f['notes_per_phrase']:.1f} notes")
     print(f"4-note shapes repeated {f['repeated_shape_fraction']:.1%}, at another pitch "
           f"{f['transposed_repeat_fraction']:.1%}, contour repeated {f['contour_repeat_fraction']:.1%}")
+    for row in out["control_response"]:
+        print(f"{row['control']:>11} = {row['value']!s:<4}: {row['notes_per_quarter']:.2f} notes a quarter, "
+              f"median MIDI {row['median_midi']:.1f}, note entropy {row['entropy_bits']:.2f} bits")
     for row in out["step_cost"]:
         print(f"composer step, {row['voices']:>3} voices: {row['step_median_us']:8.0f} us "
               f"({row['per_note_us']:.1f} us a note)")

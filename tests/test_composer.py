@@ -109,6 +109,18 @@ def test_temperature_changes_note_entropy(violin: FrameModel, composer: Composer
     assert hot_bits > cold_bits + 0.5, (cold_bits, hot_bits)
 
 
+def test_density_and_register_steer_the_notes(violin: FrameModel, composer: ComposerModel) -> None:
+    def figures(controls: dict) -> tuple[float, float]:
+        _, notes = compose(violin, 10.0, 2, {"tempo": 120} | controls, composer=composer)
+        return (len(notes) / sum(n.quarters for n in notes),
+                float(np.median([n.midi for n in notes if n.midi is not None])))
+
+    sparse, busy = figures({"density": 0.0})[0], figures({"density": 1.0})[0]
+    low, high = figures({"register": "low"})[1], figures({"register": "high"})[1]
+    assert busy > 1.5 * sparse, (sparse, busy)
+    assert high > low + 7, (low, high)
+
+
 def test_a_change_mid_stream_affects_only_the_following_notes(violin: FrameModel, composer: ComposerModel) -> None:
     controls = {"scale": "D major", "tempo": 150}
     audio, notes = compose(violin, 8.0, 21, controls, composer=composer)
