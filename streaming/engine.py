@@ -38,16 +38,19 @@ class Group:
         self.pool = StatePool(model.manifest)
         self.control = np.zeros((0, 1, len(self.manifest.controls)), np.float32)
         self.noise = np.zeros((0, 1, self.manifest.noise), np.float32)
+        self.slots = np.zeros(0, np.intp)
 
     def run(self, streams: list[Stream]) -> np.ndarray:
         """One batched frame for `streams`; writes each stream's audio to its ring and returns the batch."""
         n = len(streams)
-        if len(self.control) < n:
+        if len(self.control) < n:  # batch arrays grow by doubling; a tick allocates nothing otherwise
             size = max(n, 2 * len(self.control), 8)
             self.control = np.zeros((size, 1, len(self.manifest.controls)), np.float32)
             self.noise = np.zeros((size, 1, self.manifest.noise), np.float32)
-        slots = np.array([s.slot for s in streams], np.intp)
+            self.slots = np.zeros(size, np.intp)
+        slots = self.slots[:n]
         for i, s in enumerate(streams):
+            slots[i] = s.slot
             s.smoother.step(self.control[i, 0])
             s.rng.random(out=self.noise[i, 0], dtype=np.float32)
         audio, states = self.model.run(self.control[:n], self.noise[:n], self.pool.gather(slots))
