@@ -1,4 +1,4 @@
-"""bench/engine.py runs end to end (--quick) on the shipped model and writes the JSON it promises.
+"""bench/engine.py and bench/composer.py run end to end (--quick) on the shipped models and write the JSON they promise.
 
 Timings on CI are noise, so this checks the shape of the results and that the numbers are positive, not speed.
 """
@@ -58,3 +58,20 @@ def test_engine_bench_quick(tmp_path: Path) -> None:
     prof = r["profile"]
     assert prof["rows"][-1]["op"] == "(total)" and positive(prof["rows"][-1]["us_b1"])
     assert "cuda_ticks" not in r  # only with --device cuda
+
+
+def test_composer_bench_quick(tmp_path: Path) -> None:
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "bench/composer.py", "--quick", "--out", str(out), "--png", str(png)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "in scale 100.0%" in proc.stdout and "composer step" in proc.stdout
+    r = json.loads(out.read_text())
+    f = r["figures"]
+    assert f["notes"] >= 5 and f["in_scale_fraction"] == 1.0 and f["phrases"] >= 1
+    assert 0 <= f["repeated_shape_fraction"] <= 1 and r["first_notes"][0]["bar"] == 1
+    assert {(row["control"], row["value"]) for row in r["control_response"]} >= {("density", 0.0), ("register", "high")}
+    assert all(positive(row["per_note_us"]) for row in r["step_cost"])
+    assert Path(r["midi"]).read_bytes().startswith(b"MThd") and Path(r["wav"]).stat().st_size > 0
+    assert png.stat().st_size > 0 if isinstance(r["plot"], str) else "skipped" in r["plot"]
