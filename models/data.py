@@ -93,7 +93,7 @@ def loudness_db(audio: np.ndarray, hop: int = HOP) -> np.ndarray:
 
     Not A-weighted, on purpose: the loudness control sets the synthesiser's level, and an A-weighted
     -20 dB at 55 Hz would ask for +10 dBFS of raw signal; a control whose usable range moves with pitch
-    is a poor control (and quick training runs with it fell into octave errors)."""
+    is a poor control for the people and composers who set it."""
     frames = len(audio) // hop
     x = np.asarray(audio[: frames * hop], np.float64)
     power = np.square(x.reshape(frames, hop)).mean(axis=1)
