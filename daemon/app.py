@@ -420,6 +420,9 @@ async def metrics(request: web.Request) -> web.Response:
         ("wavecast_engine_busy_seconds_total", "counter", "seconds spent generating", st.busy_seconds),
         ("wavecast_engine_tick_max_seconds", "gauge", "longest tick so far", st.max_tick_seconds),
         ("wavecast_engine_last_batch", "gauge", "streams in the last tick", st.last_batch),
+        ("wavecast_composed_streams", "gauge", "streams a composer writes", sum(s.voice is not None for s in streams)),
+        ("wavecast_composer_steps_total", "counter", "batched composer calls", st.composer_steps),
+        ("wavecast_composer_notes_total", "counter", "notes and rests composed", st.notes),
         ("wavecast_http_errors_total", "counter", "requests answered with an error", d.errors),
     ]
     text = []
@@ -430,6 +433,8 @@ async def metrics(request: web.Request) -> web.Response:
     for (name, version), group in d.engine.groups.items():
         provider = group.model.providers[0]
         text.append(f'wavecast_model_loaded{{name="{name}",version="{version}",provider="{provider}"}} 1')
+    for name, version in d.engine.composers:
+        text.append(f'wavecast_model_loaded{{name="{name}",version="{version}",provider="CPUExecutionProvider"}} 1')
     return web.Response(text="\n".join(text) + "\n", content_type="text/plain", charset="utf-8")
 
 

@@ -126,6 +126,8 @@ class Stats:
     busy_seconds: float = 0.0  # time spent generating
     max_tick_seconds: float = 0.0
     last_batch: int = 0
+    composer_steps: int = 0  # batched composer calls
+    notes: int = 0  # notes (and rests) composed
 
 
 class Engine:
@@ -223,8 +225,7 @@ class Engine:
         st.max_tick_seconds = max(st.max_tick_seconds, elapsed)
         return made
 
-    @staticmethod
-    def _compose(needy: dict[Group, list[Stream]]) -> None:
+    def _compose(self, needy: dict[Group, list[Stream]]) -> None:
         """Composed streams: one batched composer step for the voices whose next note starts now, then
         every voice sets its stream's f0 and loudness for the frame."""
         due: dict[ComposerGroup, list[Voice]] = {}
@@ -234,6 +235,8 @@ class Engine:
                 due.setdefault(s.voice.group, []).append(s.voice)
         for composer, voices in due.items():
             composer.step(voices)
+            self.stats.composer_steps += 1
+            self.stats.notes += len(voices)
         for s in voiced:
             s.perform()
 

@@ -170,7 +170,12 @@ async def live_matches_render(server: Server) -> None:
         assert reply["type"] == "error" and reply["error"]["code"] == "invalid_control"
     finally:
         await listener.close()
+    metrics = server.text("/metrics")
+    assert 'wavecast_model_loaded{name="folk"' in metrics
+    notes_total = float(next(line.split()[1] for line in metrics.splitlines()
+                             if line.startswith("wavecast_composer_notes_total")))
     played = server.request("GET", f"/v1/streams/{sid}/notes")[1]
+    assert notes_total >= played["count"] >= 5
     live = [(n["frame"], n["midi"], n["quarters"]) for n in played["notes"]]
     _, rendered = compose(FrameModel(SHIPPED / "violin", device="cpu"), 3.0, 7, body["controls"],
                           composer=ComposerModel(COMPOSER_DIR))
