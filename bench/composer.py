@@ -5,6 +5,7 @@ Renders a composed piece through the engine (the same path as a live stream), wr
 (piano roll over spectrogram) and JSON with figures about the notes: how many, how many in the requested
 scale, the phrases (runs ended by a rest or a note twice the median length), how often 4-note melodic
 shapes recur (repetition) and how often they recur at another pitch or only as a contour (variation).
+It counts clicks in the piece and in the same piece paused, resumed and reset along the way.
 Then it shows what density, register and temperature do to the notes, and times one batched composer step
 for 1..256 voices. Prints a summary to stdout, progress to stderr.
 """
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from daemon.cli import write_wav  # noqa: E402
 from daemon.midi import write_midi  # noqa: E402
+from models.quality import count_clicks  # noqa: E402
 from models.store import ModelStore  # noqa: E402
 from streaming.composer import ComposerGroup, ComposerModel, Note, Voice  # noqa: E402
 from streaming.engine import compose  # noqa: E402
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     audio, notes = compose(model, seconds, args.seed, controls, composer=composer)
     elapsed = time.perf_counter() - t0
     figures = note_figures(notes, Scale.parse(controls.get("scale", "D major")))
+    figures["clicks"] = count_clicks(audio)
+    actions = [(seconds * k / 6, {"action": a}) for k, a in ((2, "pause"), (3, "play"), (4, "reset"))]
+    acted, _ = compose(model, seconds, args.seed, controls, actions, composer=composer)
+    figures["clicks_with_pause_play_reset"] = count_clicks(acted)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     wav, midi = args.out.with_suffix(".wav"), args.out.with_suffix(".mid")
     write_wav(wav, audio, model.manifest.sample_rate)
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{seconds:g} s rendered in {elapsed:.1f} s ({seconds / elapsed:.1f}x real time): {f['notes']} notes, "
           f"{f['rests']} rests, range {f['range']}, in scale {f['in_scale_fraction']:.1%}, {f['phrases']} phrases "
           f"of {f['notes_per_phrase']:.1f} notes")
+    print(f"clicks: {f['clicks']} in the piece, {f['clicks_with_pause_play_reset']} with a pause, play and reset")
     print(f"4-note shapes repeated {f['repeated_shape_fraction']:.1%}, at another pitch "
           f"{f['transposed_repeat_fraction']:.1%}, contour repeated {f['contour_repeat_fraction']:.1%}")
     for row in out["control_response"]:

@@ -71,6 +71,7 @@ def test_composer_bench_quick(tmp_path: Path) -> None:
     f = r["figures"]
     assert f["notes"] >= 5 and f["in_scale_fraction"] == 1.0 and f["phrases"] >= 1
     assert 0 <= f["repeated_shape_fraction"] <= 1 and r["first_notes"][0]["bar"] == 1
+    assert f["clicks"] == 0 and f["clicks_with_pause_play_reset"] == 0
     assert {(row["control"], row["value"]) for row in r["control_response"]} >= {("density", 0.0), ("register", "high")}
     assert all(positive(row["per_note_us"]) for row in r["step_cost"])
     assert Path(r["midi"]).read_bytes().startswith(b"MThd") and Path(r["wav"]).stat().st_size > 0
