@@ -6,13 +6,13 @@ import mido
 import numpy as np
 import pytest
 
-from models import data
+from models import corpus, data
 
 if shutil.which("fluidsynth") is None or not data.SOUNDFONT.exists():
     pytest.skip("needs the fluidsynth binary and /usr/share/sounds/sf2/FluidR3_GM.sf2 "
                 "(Debian: apt-get install fluidsynth fluid-soundfont-gm)", allow_module_level=True)
 
-TINY = data.Recipe(performances=2, seconds=3.0, heldout=1)
+TINY = data.Recipe(performances=2, seconds=3.0, heldout=1, melodies=2)
 FRAMES = 300
 
 
@@ -126,9 +126,31 @@ def test_second_build_loads_cache(tiny, cache):
 
 
 def test_progress_and_seed(tiny, cache):
-    other = data.Recipe(performances=1, seconds=3.0, heldout=0, seed=1)
+    other = data.Recipe(performances=1, seconds=3.0, heldout=0, seed=1, melodies=2)  # corpus cached by `tiny`
     lines: list[str] = []
     built = data.build(other, cache, progress=lines.append)
     assert lines == ["rendered 1/1"]
     assert other.key() != TINY.key()
     assert not np.array_equal(built.train[0].audio, tiny.train[0].audio)
+
+
+def test_tune_fragments_keep_their_shape_rests_and_rhythm():
+    events = [(62, 1.0), (66, 0.5), (69, 0.5), (None, 1.0), (74, 2.0), (73, 0.25), (71, 0.75)] * 3
+    tune = corpus.Tune("t#1", "miscFolk", "D major", "4/4", 4.0, 0.0, events)
+    rng = np.random.default_rng(0)
+    fragments = 0
+    for _ in range(60):
+        pitches, beats, held = data._phrase_pitches(rng, TINY, [tune])
+        if beats is None:
+            continue
+        fragments += 1
+        n = len(pitches)
+        first = next(i for i in range(len(events)) if [q for _, q in events[i : i + n]] == beats)
+        source = events[first : first + n]
+        assert [p is None for p in pitches] == [m is None for m, _ in source] and not held
+        heard = [p for p in pitches if p is not None]
+        written = np.array([m for m, _ in source if m is not None])
+        # One transposition, folded back into the range at its edges: the melody's shape is kept.
+        assert any(data._fold(written + shift, TINY).tolist() == heard for shift in range(-60, 61))
+        assert all(TINY.low_note <= p <= TINY.high_note for p in heard)
+    assert fragments >= 5
