@@ -42,7 +42,7 @@ def test_render_is_bit_identical_per_seed(tmp_path: Path) -> None:
 def test_render_refuses_bad_controls_and_models(tmp_path: Path) -> None:
     out = tmp_path / "x.wav"
     result = wavecast("render", "--seconds", "1", "--control", "f0=9000", "--out", str(out))
-    assert result.returncode == 2 and "outside [30, 2000] Hz" in result.stderr
+    assert result.returncode == 2 and "outside [32.7, 1975.53] Hz" in result.stderr
     result = wavecast("render", "--model", "nope", "--seconds", "1", "--out", str(out))
     assert result.returncode == 2 and "unknown model 'nope'" in result.stderr and "wavecast train" in result.stderr
     result = wavecast("render", "--seconds", "1", "--control", "f0", "--out", str(out))
