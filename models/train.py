@@ -10,8 +10,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,10 +23,10 @@ import torch
 from models import corpus, data, instrument, quality
 from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from models.instrument import Instrument, InstrumentConfig
-from models.store import QUALITY_TARGETS, ModelStore, default_work, gate
+from models.runs import CHECKPOINT_EVERY, Checkpoint, deliver
+from models.store import QUALITY_TARGETS, default_work
 from streaming.model import FrameModel, Manifest
 
-CHECKPOINT_EVERY = 100
 PARITY_LIMIT = 1e-4  # max |torch - ORT| audio over the stateful parity run
 PITCH_LIMIT = 0.01  # max relative f0 error of constant-pitch renders
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
@@ -123,16 +121,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     model_code = hashlib.sha256(Path(instrument.__file__).read_bytes()).hexdigest()[:12]
     settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
                 "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    ckpt_path = work / "runs" / f"{args.name}-{digest}.pt"
-    first, history, earlier_seconds = 0, [], 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=args.device)
-        if ckpt["settings"] == settings:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            first, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
-            log(f"resuming from {ckpt_path} at step {first}")
+    checkpoint = Checkpoint(work, args.name, settings)
+    first, history, earlier_seconds = checkpoint.resume(model, optimizer, args.device)
+    if first:
+        log(f"resuming from {checkpoint.path} at step {first}")
 
     rng = np.random.default_rng(args.seed + first)
     warmup = max(1, steps // 20)
@@ -155,12 +147,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             rate = (time.time() - t0) / (done - last)
             log(f"step {done}/{steps} loss {np.mean(history[-25:]):.4f} lr {lr:.2e} "
                 f"{rate:.2f} s/step, eta {rate * (steps - done) / 60:.1f} min")
-        if done % CHECKPOINT_EVERY == 0 and done < steps:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": done, "history": history, "seconds": earlier_seconds + time.time() - started}, tmp)
-            os.replace(tmp, ckpt_path)
+        if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
+            checkpoint.save(model, optimizer, done, history, earlier_seconds + time.time() - started)
     heldout_loss = evaluate(model, dataset.heldout, min(frames, 100), args.device)
     log(f"held-out spectral loss {heldout_loss:.4f}")
 
@@ -212,23 +200,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "verification": verification,
         }
         (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
-        problems = gate(verification, "instrument")
-        if problems:
-            rejected = work / "rejected" / args.name
-            shutil.rmtree(rejected, ignore_errors=True)
-            shutil.copytree(candidate, rejected)
-            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published and is "
-                             f"kept for inspection in {rejected} (train longer with --steps, or check the data)")
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            for name in ("model.onnx", "model.json"):
-                (args.out / name).write_bytes((candidate / name).read_bytes())
-            FrameModel(args.out, device="cpu")
-            log(f"wrote {args.out} in {time.time() - started:.0f} s")
-            ckpt_path.unlink(missing_ok=True)
-            return args.out
-        entry = ModelStore(args.store).publish(candidate)
-    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
-    log(f"published {entry.manifest.name} v{entry.manifest.version} to {entry.directory} "
-        f"in {time.time() - started:.0f} s")
-    return entry.directory
+        where, done = deliver(candidate, "instrument", work, args.name, args.out, args.store,
+                              lambda d: FrameModel(d, device="cpu"), "train longer with --steps, or check the data")
+    checkpoint.remove()  # the run is complete; a rerun starts afresh
+    log(f"{done} in {time.time() - started:.0f} s")
+    return where

@@ -14,8 +14,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -27,13 +25,14 @@ import torch
 
 from models import composer, corpus
 from models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
-from models.store import ModelStore, default_work, gate
+from models.runs import CHECKPOINT_EVERY, Checkpoint, deliver
+from models.store import default_work
 from models.train import code_revision
 from streaming import notes
+from streaming.composer import ComposerModel
 from streaming.model import Manifest
 from streaming.notes import DURATIONS, FEATURES, MODES, PITCH_HIGH, PITCH_LOW, PITCH_TOKENS, START, Scale
 
-CHECKPOINT_EVERY = 100
 PARITY_LIMIT = 1e-4  # max |torch - ORT| logits over the stateful parity run
 PARITY_STEPS = 96
 NLL_RATIO_LIMIT = 1.0  # held-out NLL must be below the bigram baseline's
@@ -181,16 +180,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     model_code = hashlib.sha256(Path(composer.__file__).read_bytes()).hexdigest()[:12]
     settings = {"corpus": corpus_key, "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
                 "batch": batch, "length": length, "lr": args.lr, "seed": args.seed}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    ckpt_path = work / "runs" / f"{args.name}-{digest}.pt"
-    first, history, earlier_seconds = 0, [], 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=args.device)
-        if ckpt["settings"] == settings:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            first, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["seconds"]
-            log(f"resuming from {ckpt_path} at step {first}")
+    checkpoint = Checkpoint(work, args.name, settings)
+    first, history, earlier_seconds = checkpoint.resume(model, optimizer, args.device)
+    if first:
+        log(f"resuming from {checkpoint.path} at step {first}")
 
     rng = np.random.default_rng(args.seed + first)
     warmup = max(1, steps // 20)
@@ -215,11 +208,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             log(f"step {done}/{steps} loss {np.mean(history[-25:]):.4f} nats/event lr {lr:.2e} "
                 f"{rate:.2f} s/step, eta {rate * (steps - done) / 60:.1f} min")
         if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": done, "history": history, "seconds": earlier_seconds + time.time() - started}, tmp)
-            os.replace(tmp, ckpt_path)
+            checkpoint.save(model, optimizer, done, history, earlier_seconds + time.time() - started)
 
     log(f"held-out NLL on {len(heldout)} tunes, against unigram and bigram baselines")
     baselines = baseline_nll(train, heldout)
@@ -263,28 +252,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         }
         Manifest.from_dict(final, "candidate")  # the fields the loader needs, checked before anything is written
         (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
-        problems = gate(verification, "composer")
-        if problems:
-            rejected = work / "rejected" / args.name
-            shutil.rmtree(rejected, ignore_errors=True)
-            shutil.copytree(candidate, rejected)
-            raise SystemExit(f"verification failed: {'; '.join(problems)}; the model was not published and is "
-                             f"kept for inspection in {rejected} (train longer with --steps, or use more tunes)")
-        if args.out:
-            from streaming.composer import ComposerModel
-
-            args.out.mkdir(parents=True, exist_ok=True)
-            for name in ("model.onnx", "model.json"):
-                (args.out / name).write_bytes((candidate / name).read_bytes())
-            ComposerModel(args.out)  # the contract check, exactly as the daemon will load it
-            log(f"wrote {args.out} in {time.time() - started:.0f} s")
-            ckpt_path.unlink(missing_ok=True)
-            return args.out
-        entry = ModelStore(args.store).publish(candidate)
-    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
-    log(f"published {entry.manifest.name} v{entry.manifest.version} to {entry.directory} "
-        f"in {time.time() - started:.0f} s")
-    return entry.directory
+        where, done = deliver(candidate, "composer", work, args.name, args.out, args.store, ComposerModel,
+                              "train longer with --steps, or use more tunes")
+    checkpoint.remove()  # the run is complete; a rerun starts afresh
+    log(f"{done} in {time.time() - started:.0f} s")
+    return where
 
 
 def corpus_version() -> str:
