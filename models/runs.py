@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -15,6 +16,19 @@ import torch
 from models.store import ModelStore, gate
 
 CHECKPOINT_EVERY = 100  # steps
+PROGRESS_EVERY = 25  # steps between progress lines, each with the mean loss over them
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to zero."""
+    warmup = max(1, steps // 20)
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def progress(done: int, steps: int, history: list[float], lr: float, seconds_per_step: float, unit: str = "") -> str:
+    """The progress line of a training step: mean recent loss, learning rate, speed and time left."""
+    return (f"step {done}/{steps} loss {sum(history[-PROGRESS_EVERY:]) / len(history[-PROGRESS_EVERY:]):.4f}"
+            f"{unit} lr {lr:.2e} {seconds_per_step:.2f} s/step, eta {seconds_per_step * (steps - done) / 60:.1f} min")
 
 
 class Checkpoint:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import torch
 from models import corpus, data, instrument, quality
 from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from models.instrument import Instrument, InstrumentConfig
-from models.runs import CHECKPOINT_EVERY, Checkpoint, deliver
+from models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
 from models.store import QUALITY_TARGETS, default_work
 from streaming.model import FrameModel, Manifest
 
@@ -127,10 +126,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         log(f"resuming from {checkpoint.path} at step {first}")
 
     rng = np.random.default_rng(args.seed + first)
-    warmup = max(1, steps // 20)
     t0, last = time.time(), first
     for step in range(first, steps):
-        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = learning_rate(step, steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         control, noise, target, phase = (t.to(args.device) for t in sample_batch(
@@ -143,10 +141,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         optimizer.step()
         history.append(loss.item())
         done = step + 1
-        if done % 25 == 0 or done == steps:
+        if done % PROGRESS_EVERY == 0 or done == steps:
             rate = (time.time() - t0) / (done - last)
-            log(f"step {done}/{steps} loss {np.mean(history[-25:]):.4f} lr {lr:.2e} "
-                f"{rate:.2f} s/step, eta {rate * (steps - done) / 60:.1f} min")
+            log(progress(done, steps, history, lr, rate))
         if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
             checkpoint.save(model, optimizer, done, history, earlier_seconds + time.time() - started)
     heldout_loss = evaluate(model, dataset.heldout, min(frames, 100), args.device)
@@ -194,7 +191,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
                 "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
                 "seconds": round(earlier_seconds + time.time() - started, 1), "device": args.device,
-                "final_loss": float(np.mean(history[-25:])), "heldout_loss": heldout_loss,
+                "final_loss": float(np.mean(history[-PROGRESS_EVERY:])), "heldout_loss": heldout_loss,
                 "code_revision": revision, "torch": torch.__version__,
             },
             "verification": verification,

@@ -25,7 +25,7 @@ import torch
 
 from models import composer, corpus
 from models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
-from models.runs import CHECKPOINT_EVERY, Checkpoint, deliver
+from models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
 from models.store import default_work
 from models.train import code_revision
 from streaming import notes
@@ -186,11 +186,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         log(f"resuming from {checkpoint.path} at step {first}")
 
     rng = np.random.default_rng(args.seed + first)
-    warmup = max(1, steps // 20)
     t0, last = time.time(), first
     model.train()
     for step in range(first, steps):
-        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = learning_rate(step, steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, feats, targets, mask = (t.to(args.device) for t in sample_batch(train, batch, length, rng))
@@ -203,10 +202,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         optimizer.step()
         history.append(loss.item())
         done = step + 1
-        if done % 25 == 0 or done == steps:
+        if done % PROGRESS_EVERY == 0 or done == steps:
             rate = (time.time() - t0) / (done - last)
-            log(f"step {done}/{steps} loss {np.mean(history[-25:]):.4f} nats/event lr {lr:.2e} "
-                f"{rate:.2f} s/step, eta {rate * (steps - done) / 60:.1f} min")
+            log(progress(done, steps, history, lr, rate, " nats/event"))
         if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
             checkpoint.save(model, optimizer, done, history, earlier_seconds + time.time() - started)
 
@@ -245,7 +243,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 "command": " ".join(["wavecast", *argv]), "model": cfg.to_dict(), "steps": steps, "batch": batch,
                 "length": length, "lr": args.lr, "seed": args.seed, "augmentation": "transpose -6..+5 semitones",
                 "seconds": round(earlier_seconds + time.time() - started, 1), "device": args.device,
-                "final_loss": float(np.mean(history[-25:])), "code_revision": revision, "torch": torch.__version__,
+                "final_loss": float(np.mean(history[-PROGRESS_EVERY:])), "code_revision": revision,
+                "torch": torch.__version__,
                 "corpus_cache_key": corpus_key,
             },
             "verification": verification,
