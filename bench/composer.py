@@ -112,7 +112,7 @@ def time_steps(composer: ComposerModel, batches: list[int], repeats: int) -> lis
     """One batched composer step (ORT call + sampling) for B voices, median over `repeats`."""
     rows = []
     for b in batches:
-        group = ComposerGroup(composer)
+        group = ComposerGroup(composer, b)
         voices = []
         for i in range(b):
             v = Voice(group, i, {}, (30.0, 2000.0), 0.01)

@@ -20,9 +20,11 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,8 +34,9 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from streaming.analysis import estimate_f0  # noqa: E402
-from streaming.engine import Engine, Stream, render  # noqa: E402
+from streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Stream, render  # noqa: E402
 from streaming.model import FrameModel, cuda_present, session_options  # noqa: E402
+from streaming.noise import NoiseTable, stream_key  # noqa: E402
 from streaming.ring import Reader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +74,7 @@ def controls_for(i: int) -> dict[str, float]:
 
 
 def make_streams(model: FrameModel, n: int) -> tuple[Engine, list[Stream], list[Reader]]:
-    engine = Engine(buffer_frames=1)
+    engine = Engine(buffer_frames=1, max_streams=n, budget=None)
     group = engine.add_model(model)
     streams = [engine.create_stream(group, seed=i, controls=controls_for(i)) for i in range(n)]
     return engine, streams, [s.listen() for s in streams]
@@ -101,7 +104,8 @@ def bench_ticks(model: FrameModel, counts: list[int], seconds: float, max_ticks:
         engine, _, readers = make_streams(model, n)
         noise = np.random.default_rng(0).random((n, 1, m.noise), dtype=np.float32)
         control = np.tile(np.array([[[220.0, -20.0]]], np.float32), (n, 1, 1))
-        bare = partial(model.run, control, noise, model.zero_states(n))
+        bare = partial(model.run_into, control, noise, model.zero_states(n), np.zeros((n, m.hop), np.float32),
+                       model.zero_states(n))  # the call the engine makes: outputs into preallocated arrays
         t = timed({"tick": ticker(engine, readers, n, m.hop), "ort": bare}, seconds, max_ticks)
         per = median_us(t["tick"]) / n
         rows.append({"streams": n, "ticks": len(t["tick"]), "median_us": median_us(t["tick"]),
@@ -182,16 +186,18 @@ def bench_memory(model: FrameModel, n: int = 64) -> dict:
     """Bytes per stream: computed from the manifest and the engine's arrays, and traced while creating n streams."""
     m = model.manifest
     state = sum(4 * math.prod(s.concrete(1)) for s in m.states)
-    scratch = state + 4 * (len(m.controls) + m.noise)  # per-slot gather buffers + control/noise batch rows
+    # per slot: gathered + returned states, control/noise rows, audio and guard rows, control targets/current
+    scratch = 2 * state + 4 * (len(m.controls) + m.noise) + 4 * (2 * m.hop + 1) + 4 * 3 * len(m.controls)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     engine, streams, _ = make_streams(model, n)
     engine.tick()
     traced = (tracemalloc.get_traced_memory()[0] - before) // n
     tracemalloc.stop()
-    ring = streams[0].ring.capacity * 4
+    rings = streams[0].group.rings
+    ring = rings.capacity * 4
     return {"state_bytes": state, "batch_scratch_bytes": scratch, "ring_bytes": ring,
-            "ring_seconds": engine.ring_seconds, "total_bytes": state + scratch + ring,
+            "ring_seconds": rings.frames * m.frame_seconds, "total_bytes": state + scratch + ring,
             "traced_bytes": traced, "traced_streams": n}
 
 
@@ -291,10 +297,104 @@ def op_profile(model: FrameModel, batches: list[int], runs: int, top: int = 9) -
             row[f"us_b{b}"] = sum(us.get(k, 0.0) for k in pick)
             row[f"pct_b{b}"] = 100 * row[f"us_b{b}"] / sum(us.values())
         rows.append(row)
-    rng, row = np.random.default_rng(0), np.empty(m.noise, np.float32)
-    noise = timed({"noise": lambda: rng.random(out=row, dtype=np.float32)}, 0.2, 2000)["noise"]
+    b = batches[-1]
+    table, out = NoiseTable(m.noise), np.empty((b, m.noise), np.float32)
+    keys, frames = np.array([stream_key(i) for i in range(b)]), np.arange(b)
+    noise = timed({"noise": lambda: table.fill(keys, frames, out)}, 0.2, 2000)["noise"]
     return {"kernels_per_run": kernels_per_run, "batches": batches, "rows": rows,
-            "engine_noise_us_per_stream": median_us(noise)}
+            "engine_noise_us_per_stream": median_us(noise) / b}
+
+
+def bench_control_latency(model: FrameModel, reps: int, load: int, buffer_frames: int) -> dict:
+    """Control change -> first changed sample sent, on the live engine thread with a paced sender.
+
+    A sender thread takes 960 samples (one 20 ms Opus packet) from each stream every 20 ms by the wall clock,
+    as the WebRTC encoder does. Each rep creates twin streams (same seed and controls), lets them fill,
+    then at a random moment in the packet cycle moves one twin's f0 by a semitone (the call a data channel
+    message makes, after parsing) and times until the sender takes the first packet whose audio differs
+    from the other twin's. `load` more streams are generated and sent meanwhile."""
+    log(f"control -> sent: {reps} reps, {load} streams of load, fill {buffer_frames} frames")
+    engine = Engine(buffer_frames=buffer_frames, budget=None)
+    group = engine.add_model(model)
+    background = [engine.create_stream(group, 1000 + i, controls_for(i)) for i in range(load)]
+    readers = [s.listen() for s in background]
+    twins: list = []  # (changed reader, reference reader, change time, result list)
+    stop = threading.Event()
+
+    def sender() -> None:
+        a, b, pkt = (np.zeros(960, np.float32) for _ in range(3))
+        start, k = time.monotonic(), 0
+        while not stop.is_set():
+            k += 1
+            time.sleep(max(0.0, start + 0.02 * k - time.monotonic()))
+            for r in readers:
+                r.read(pkt)
+            for pair in list(twins):
+                changed, reference, since, out = pair
+                changed.read(a)
+                reference.read(b)
+                if since[0] is not None and not out and not np.array_equal(a, b):
+                    out.append(time.perf_counter() - since[0])
+            engine.notify()
+
+    thread = threading.Thread(target=sender, daemon=True)
+    engine.start()
+    thread.start()
+    rng, results = np.random.default_rng(0), []
+    try:
+        for i in range(reps):
+            pair = [engine.create_stream(group, 7 + i, {"f0": 440.0, "loudness": -20.0}) for _ in range(2)]
+            since: list = [None]
+            out: list[float] = []
+            entry = (pair[0].listen(), pair[1].listen(), since, out)
+            twins.append(entry)
+            time.sleep(0.25 + rng.uniform(0, 0.02))  # filled, at a random point of the packet cycle
+            since[0] = time.perf_counter()
+            pair[0].set_controls({"f0": 466.16})
+            deadline = time.monotonic() + 1.0
+            while not out and time.monotonic() < deadline:
+                time.sleep(0.002)
+            twins.remove(entry)
+            for s in pair:
+                engine.delete_stream(s.id)
+            results.append(1000 * out[0] if out else None)
+    finally:
+        stop.set()
+        thread.join(2)
+        engine.stop()
+    got = [x for x in results if x is not None]
+    return {"reps": reps, "load_streams": load, "buffer_frames": buffer_frames, "missed": len(results) - len(got),
+            "p50_ms": float(np.percentile(got, 50)) if got else None,
+            "p95_ms": float(np.percentile(got, 95)) if got else None, "max_ms": max(got, default=None),
+            "underruns": sum(r.underruns for r in readers)}
+
+
+def bench_smoothing(model: FrameModel, taus_ms: list[float]) -> list[dict]:
+    """Clicks (models.quality.count_clicks) made by control steps at each smoothing time constant: f0 jumps
+    of a fifth and an octave at three registers, loudness steps of 30 dB up and down."""
+    from models.quality import count_clicks
+
+    m, rows = model.manifest, []
+    steps = {"f0": [(110.0, 220.0), (220.0, 330.0), (440.0, 880.0), (880.0, 440.0)],
+             "loudness": [(-40.0, -10.0), (-10.0, -40.0), (-60.0, -20.0)]}
+    original = model.manifest
+    try:
+        for tau in taus_ms:
+            row: dict[str, Any] = {"tau_ms": tau}
+            for name, pairs in steps.items():
+                model.manifest = replace(original, controls=tuple(
+                    replace(c, smoothing=tau / 1000 if c.name == name else c.smoothing) for c in original.controls))
+                clicks = 0
+                for before, after in pairs:
+                    start = {"f0": 440.0, "loudness": -20.0, name: before}
+                    audio = render(model, 0.6, 3, start, timeline=[(0.3, {name: after})])
+                    clicks += count_clicks(audio[int(0.2 * m.sample_rate) :])
+                row[f"{name}_clicks"] = clicks
+            rows.append(row)
+            log(f"smoothing {tau:g} ms: f0 clicks {row['f0_clicks']}, loudness clicks {row['loudness_clicks']}")
+    finally:
+        model.manifest = original
+    return rows
 
 
 Column = tuple[str, str] | tuple[str, str, str]  # heading, JSON key[, format spec for floats]
@@ -330,7 +430,7 @@ TICK_NOTE = ("x real time = 10 ms / (us per stream-frame) = real-time streams on
 
 
 def report(r: dict) -> str:
-    m, h, prof, mem, roof = r["model"], r["host"], r["profile"], r["memory"], r["roofline"]
+    m, h, prof, mem, roof = r["model_detail"], r["host"], r["profile"], r["memory"], r["roofline"]
     out = [f"wavecast engine bench: model {m['name']} v{m['version']} ({m['dir']}), {m['frame_ms']:g} ms frames; "
            f"{h['cpu']}, {h['cores']} cores, onnxruntime {h['onnxruntime']}", r["note"]]
     out.append(table("Engine tick, CPU, 1 intra-op thread", r["ticks"], TICK_COLUMNS, TICK_NOTE))
@@ -347,7 +447,8 @@ def report(r: dict) -> str:
     out.append(table("Where the time goes: ORT kernel time by op type", prof, cols,
                      f"{prof['kernels_per_run']} kernels per run; the profiler inflates small kernels, so totals exceed"
                      f" untraced timings.\nOutside ORT, the engine's numpy noise for one stream-frame ({m['noise']} "
-                     f"uniform draws) takes {prof['engine_noise_us_per_stream']:.1f} us"))
+                     f"uniform values, one gather for B={prof['batches'][-1]}) takes "
+                     f"{prof['engine_noise_us_per_stream']:.2f} us"))
     out.append(table("Memory per stream, bytes", mem, [
         ("state", "state_bytes"), ("batch scratch", "batch_scratch_bytes"),
         (f"ring ({mem['ring_seconds']:g} s)", "ring_bytes"), ("total", "total_bytes"), ("traced", "traced_bytes")],
@@ -359,12 +460,55 @@ def report(r: dict) -> str:
         ("MACs/frame", "macs_per_frame"), ("sin+cos/frame", "sin_cos_per_frame"), ("peak GFLOP/s", "peak_gflops"),
         ("at streams", "streams"), ("engine GFLOP/s", "engine_gflops"), ("% of peak", "percent")],
         f"{roof.get('method', '')}; peak = numpy float32 1024x1024 matmul"))
+    lat = r["control_latency"]
+    out.append(table("Control change -> first changed sample sent (paced 20 ms sender, live engine thread)", lat, [
+        ("reps", "reps"), ("load streams", "load_streams"), ("fill frames", "buffer_frames"), ("p50 ms", "p50_ms"),
+        ("p95 ms", "p95_ms"), ("max ms", "max_ms"), ("missed", "missed"), ("underruns", "underruns")],
+        "DESIGN target: p95 <= 40 ms"))
+    out.append(table("Clicks from control steps by smoothing time constant", r["smoothing"], [
+        ("tau ms", "tau_ms", ".0f"), ("f0 clicks", "f0_clicks"), ("loudness clicks", "loudness_clicks")],
+        "f0: 4 jumps (fifth/octave, 110-880 Hz); loudness: 3 steps of 30-40 dB; models.quality.count_clicks"))
+    keys = ["streams_per_core_256", "overhead_fraction_256", "batched_vs_looped_64", "batched_vs_looped_256",
+            "control_to_sent_ms_p95"]
+    out.append("\n== Headline (JSON keys)\n" + "\n".join(
+        f"{k:24s} {r[k]:.3f}" if isinstance(r[k], float) else f"{k:24s} {r[k]}" for k in keys))
     if "cuda_ticks" in r:
         cuda = r["cuda_ticks"]
         out.append(table(f"Engine tick, --device cuda, session providers {cuda.get('providers', [])}", cuda,
-                         TICK_COLUMNS, cuda.get("warning", "x real time = streams the GPU engine could carry; numpy "
-                                                "arrays in and out each tick (no IOBinding), engine in Python")))
+                         TICK_COLUMNS, cuda.get("warning", CUDA_NOTE)))
     return "\n".join(out)
+
+
+CUDA_NOTE = ("x real time = streams the GPU engine could carry; batches padded to buckets, states gathered on the "
+             "host and bound through an IOBinding, engine in Python on one CPU thread")
+
+
+def bench_cuda(model_dir: Path, counts: list[int], seconds: float, max_ticks: int) -> dict:
+    """The tick table on a CUDA session, and the most streams whose median tick fits the admission budget."""
+    if not cuda_present():
+        return {"skipped": "CUDA not present (no libcuda.so.1 or no CUDAExecutionProvider)"}
+    gpu = FrameModel(model_dir, device="cuda")
+    log(f"CUDA: session providers {gpu.providers}")
+    rows = bench_ticks(gpu, counts, seconds, max_ticks)
+    fits = [row["streams"] for row in rows if row["median_us"] <= 1e6 * BUDGET * gpu.manifest.frame_seconds]
+    out = {"providers": gpu.providers, "rows": rows, "realtime_streams": max(fits, default=0)}
+    if gpu.providers[0] != "CUDAExecutionProvider":
+        out["warning"] = "ONNX Runtime fell back to the CPU: these are not GPU numbers"
+    return out
+
+
+def summary(r: dict) -> dict:
+    """The headline figures under stable keys (None where this run did not measure them)."""
+    tick = {row["streams"]: row for row in r["ticks"]}
+    batching = {row["streams"]: row["ratio"] for row in r["batching"]}
+    at = tick.get(256)
+    return {"streams_per_core_256": at and at["realtime_factor"],
+            "overhead_fraction_256": at and at["engine_overhead_pct"] / 100,
+            "batched_vs_looped_64": batching.get(64), "batched_vs_looped_256": batching.get(256),
+            "control_to_sent_ms_p95": r["control_latency"]["p95_ms"],
+            "model": f"{r['model_detail']['name']} v{r['model_detail']['version']} "
+                     f"({r['model_detail']['sha256'][:12]})",
+            "machine": f"{r['host']['cpu']}, {r['host']['cores']} cores", "date": r["created"][:10]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,14 +522,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ticks", type=int, default=1000, help="most ticks (or calls) per measured point")
     p.add_argument("--quick", action="store_true",
                    help="a few seconds in all (overrides the counts and bounds above): a smoke test, rough numbers")
+    p.add_argument("--latency-reps", type=int, default=60, help="control changes timed to the first changed packet")
+    p.add_argument("--latency-load", type=int, default=64, help="streams generated and sent meanwhile")
+    p.add_argument("--buffer-frames", type=int, default=BUFFER_FRAMES, help="stream fill for the latency test")
+    p.add_argument("--smoothing", default="0,5,10,15,20,30", help="smoothing time constants (ms) to click-test")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda adds GPU tick measurements")
-    p.add_argument("--cuda-streams", default="1,64,256,1024,4096", help="stream counts for --device cuda")
+    p.add_argument("--cuda-streams", default="1,64,256,1024,2048,4096,8192",
+                   help="stream counts for --device cuda")
+    p.add_argument("--cuda-only", action="store_true", help="only the CUDA tick table (what bench/gpu.sh runs)")
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     if a.quick:
         a.streams, a.compare, a.torch_batches, a.seconds, a.ticks = "1,16", "16", "1,16", 0.2, 40
+        a.latency_reps, a.latency_load, a.smoothing = 5, 4, "0,30"
         a.cuda_streams = "1,64"
     started = time.perf_counter()
+    if a.cuda_only:  # a GPU host's run (bench/gpu.sh): just the CUDA ticks
+        cuda = bench_cuda(a.model_dir, ints(a.cuda_streams), a.seconds, a.ticks)
+        r = {"bench": "engine-cuda", "created": datetime.now(UTC).isoformat(timespec="seconds"),
+             "host": {"cpu": cpu_name() or platform.machine(), "cores": os.cpu_count(), "onnxruntime": ort.__version__},
+             "cuda_ticks": cuda, "gpu_realtime_streams": cuda.get("realtime_streams")}
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(r, indent=2) + "\n")
+        print(table("Engine tick, CUDA", cuda, TICK_COLUMNS, cuda.get("warning", CUDA_NOTE)))
+        print(f"real-time streams (median tick within the {BUDGET:g} budget): {r['gpu_realtime_streams']}")
+        print(f"wrote {a.out}")
+        return 0
     model = FrameModel(a.model_dir, device="cpu", threads=1)
     m = model.manifest
     log(f"model {m.name} v{m.version} from {a.model_dir}, providers {model.providers}")
@@ -394,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "ratios are measured side by side (alternating calls in one run); medians of repeated calls",
         "host": {"cpu": cpu_name() or platform.machine(), "cores": os.cpu_count(),
                  "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": ort.__version__},
-        "model": {"dir": str(a.model_dir), "name": m.name, "version": m.version, "sha256": m.onnx["sha256"],
+        "model_detail": {"dir": str(a.model_dir), "name": m.name, "version": m.version, "sha256": m.onnx["sha256"],
                   "sample_rate": m.sample_rate, "hop": m.hop, "noise": m.noise, "frame_ms": 1000 * m.frame_seconds},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
     }
@@ -417,16 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         roof["percent"] = 100 * roof["fraction"]
     r["roofline"] = roof
     r["profile"] = op_profile(model, [1, max(ints(a.compare))], 20 if a.quick else 100)
+    r["control_latency"] = bench_control_latency(model, a.latency_reps, a.latency_load, a.buffer_frames)
+    r["smoothing"] = bench_smoothing(model, [float(x) for x in a.smoothing.split(",") if x])
     if a.device == "cuda":
-        if not cuda_present():
-            r["cuda_ticks"] = {"skipped": "CUDA not present (no libcuda.so.1 or no CUDAExecutionProvider)"}
-        else:
-            gpu = FrameModel(a.model_dir, device="cuda")
-            log(f"CUDA: session providers {gpu.providers}")
-            r["cuda_ticks"] = {"providers": gpu.providers,
-                               "rows": bench_ticks(gpu, ints(a.cuda_streams), a.seconds, a.ticks)}
-            if gpu.providers[0] != "CUDAExecutionProvider":
-                r["cuda_ticks"]["warning"] = "ONNX Runtime fell back to the CPU: these are not GPU numbers"
+        r["cuda_ticks"] = bench_cuda(a.model_dir, ints(a.cuda_streams), a.seconds, a.ticks)
+    r.update(summary(r))
     r["seconds"] = round(time.perf_counter() - started, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")

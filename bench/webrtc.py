@@ -5,8 +5,10 @@ Starts `wavecast serve --port 0 --ice-host 127.0.0.1` (all traffic stays on 127.
 creates a stream (f0 440 or 660 Hz, loudness -20 dB), connects an aiortc client (daemon/client.py), steers f0
 once over the `controls` data channel and once by HTTP PATCH, and deletes the stream. Every received 20 ms
 frame is timestamped on arrival (time.monotonic), i.e. after aiortc's receive jitter buffer, when a player
-would get it. Prints a table (median, p90, max over repetitions) and writes JSON (default
-bench/out/webrtc.json).
+would get it; the time each RTP packet reached the client is recorded too, so the jitter buffer's hold is
+measured. Then one stream with 1 and with --listeners aiortc listeners (in this process): the daemon's CPU
+seconds per wall second (/proc/PID/stat) over --cpu-window each, and their ratio. Prints a table (median,
+p90, max over repetitions) and writes JSON (default bench/out/webrtc.json).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from aiortc.mediastreams import MediaStreamError
 from daemon.client import Listener
 from models.store import SHIPPED
 from streaming.analysis import estimate_f0, rms_db
-from streaming.engine import render
+from streaming.engine import BUFFER_FRAMES, render
 from streaming.model import FrameModel
 from tests.conftest import Server, start_server, stop_server
 
@@ -53,9 +55,14 @@ def log(msg: str) -> None:
 class TimedListener(Listener):
     """daemon.client.Listener plus timestamps for each step of connecting and every frame as it arrives."""
 
+    keep = True  # keep every frame's audio (False: count frames only)
+
     def __init__(self) -> None:
         super().__init__()
         self.frames: list[tuple[float, np.ndarray]] = []  # (arrival, left channel float32)
+        self.count = 0
+        self.packet_at: dict[int, float] = {}  # RTP timestamp -> when the packet reached the client
+        self.held: list[float] = []  # per frame: seconds from its packet's arrival to recv() handing it over
         self.arrived = asyncio.Event()
         self.answered_at = self.opened_at = self.track_at = 0.0
         self.channel.on("open", lambda: setattr(self, "opened_at", time.monotonic()))
@@ -64,9 +71,24 @@ class TimedListener(Listener):
 
         async def timed_remote(description: aiortc.RTCSessionDescription) -> None:
             self.answered_at = time.monotonic()  # Listener.connect calls this as soon as the answer is read
+            for receiver in self.pc.getReceivers():
+                self._time_packets(receiver)
             await remote(description)
 
         self.pc.setRemoteDescription = timed_remote
+
+    def _time_packets(self, receiver: aiortc.RTCRtpReceiver) -> None:
+        """Note when each RTP packet reaches the receiver, before its jitter buffer (a decoded frame's pts is its
+        packet's RTP timestamp minus the first packet's: aiortc's TimestampMapper)."""
+        handle, origin = receiver._handle_rtp_packet, []
+
+        async def timed(packet, arrival_time_ms: int) -> None:
+            if not origin:
+                origin.append(packet.timestamp)
+            self.packet_at.setdefault((packet.timestamp - origin[0]) % 2**32, time.monotonic())
+            await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = timed
 
     def _start_receiving(self, ready: asyncio.Future) -> None:
         self.track_at = time.monotonic()
@@ -81,8 +103,13 @@ class TimedListener(Listener):
             now = time.monotonic()
             if self.first_audio_at is None:
                 self.first_audio_at = now
-            pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
-            self.frames.append((now, pcm.astype(np.float32) / 32768.0))
+            self.count += 1
+            arrived = self.packet_at.pop(frame.pts, None)
+            if arrived is not None:
+                self.held.append(now - arrived)
+            if self.keep:
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+                self.frames.append((now, pcm.astype(np.float32) / 32768.0))
             self.arrived.set()
 
     async def until(self, count: int) -> None:
@@ -177,6 +204,7 @@ async def rep(server: Server, http: aiohttp.ClientSession, n: int) -> dict:
     r["gap_frames"] = sum(int(db < SILENT_DB) for db in blocks)  # a 5 ms stretch of near-silence inside a frame
     # (the first audible frame starts with ~5 ms of near-silence, Opus's encoder delay, so it is left out)
     r["underruns"] = server.request("GET", f"/v1/streams/{sid}")[1]["underruns"]
+    r["jitter_buffer_ms"] = 1000 * float(np.median(listener.held)) if listener.held else None
     server.request("DELETE", f"/v1/streams/{sid}")
     return r
 
@@ -185,7 +213,8 @@ def stats(values: list[float | None]) -> dict:
     got = [v for v in values if v is not None]
     if not got:
         return {"n": 0, "missed": len(values)}
-    return {"median": float(np.median(got)), "p90": float(np.percentile(got, 90)), "max": float(max(got)),
+    return {"median": float(np.median(got)), "p90": float(np.percentile(got, 90)),
+            "p95": float(np.percentile(got, 95)), "max": float(max(got)),
             "n": len(got), "missed": len(values) - len(got), "values": [round(v, 2) for v in got]}
 
 
@@ -207,6 +236,68 @@ async def run(server: Server, reps: int) -> list[dict]:
                 f"{heard['datachannel']}, PATCH {heard['http']}, silent frames {x['silent_frames']}, "
                 f"underruns {x['underruns']}")
     return results
+
+
+class CountingListener(TimedListener):
+    keep = False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_load(pid: int, listeners: list[CountingListener], seconds: float) -> dict:
+    """The daemon's CPU seconds per wall second over `seconds`, and the frames each listener got meanwhile."""
+    counts, cpu, wall = [x.count for x in listeners], cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu, wall = cpu_seconds(pid) - cpu, time.monotonic() - wall
+    per_s = [(x.count - c) / wall for x, c in zip(listeners, counts, strict=True)]
+    return {"cpu_per_s": cpu / wall, "window_s": round(wall, 2), "listeners": len(listeners),
+            "frames_per_s_min": min(per_s), "frames_per_s_max": max(per_s)}
+
+
+async def listener_cpu(server: Server, n: int, seconds: float, settle: float = 2.0) -> dict:
+    """One stream with 1, then `n` listeners (aiortc, in this process: its CPU is not counted): the daemon's CPU
+    per wall second with each, the Opus packets it encoded per second and how many encoders ran."""
+    pid = server.process.pid
+    status, created = server.request("POST", "/v1/streams", {"seed": 1, "controls": {"f0": 440, "loudness": LOUDNESS}})
+    if status != 201:
+        raise RuntimeError(f"cannot create a stream: {status} {created}")
+    sid = created["id"]
+    loop = asyncio.get_running_loop()
+    listeners: list[CountingListener] = []
+
+    async def packets() -> float:
+        text = await loop.run_in_executor(None, server.text, "/metrics")
+        return next((float(line.split()[1]) for line in text.splitlines()
+                     if line.startswith("wavecast_packets_encoded_total ")), math.nan)  # nan: a daemon without it
+
+    async def phase() -> dict:
+        await asyncio.sleep(settle)
+        before = await packets()
+        r = await cpu_load(pid, listeners, seconds)
+        r["packets_per_s"] = (await packets() - before) / r["window_s"]
+        info = (await loop.run_in_executor(None, server.request, "GET", f"/v1/streams/{sid}"))[1]
+        r |= {"peers": info.get("peers"), "encoders": info.get("encoders"), "underruns": info["underruns"]}
+        return r
+
+    try:
+        listeners.append(await CountingListener.connect(server.url, sid))
+        one = await phase()
+        while len(listeners) < n:
+            batch = min(5, n - len(listeners))
+            listeners += await asyncio.gather(*(CountingListener.connect(server.url, sid) for _ in range(batch)))
+        many = await phase()
+    finally:
+        for x in listeners:
+            await x.close()
+        await loop.run_in_executor(None, server.request, "DELETE", f"/v1/streams/{sid}")
+    held = [h for x in listeners for h in x.held]
+    return {"listeners": n, "one": one, "many": many, "ratio": many["cpu_per_s"] / one["cpu_per_s"],
+            "per_extra_listener_cpu_per_s": (many["cpu_per_s"] - one["cpu_per_s"]) / max(1, n - 1),
+            "jitter_buffer_ms_median": 1000 * float(np.median(held)) if held else None}
 
 
 ROWS = [("first audio after offer", "offer_to_first_audio_ms"), ("  offer -> answer (HTTP)", "offer_to_answer_ms"),
@@ -247,6 +338,23 @@ def report(r: dict) -> str:
         "that (the daemon's buffer, packetisation, network, Opus, the client's jitter buffer).",
         "DESIGN targets (section 7): control change -> audible < 100 ms; first audio after offer < 300 ms.",
     ]
+    ctl, jb = r["control_to_heard_ms_p50"], r["jitter_buffer_ms"]
+    if ctl is not None and jb is not None:
+        out += ["", f"control -> heard (data channel and PATCH pooled): p50 {ctl:.0f} ms, p95 "
+                    f"{r['control_to_heard_ms_p95']:.0f} ms; of it the client's jitter buffer",
+                f"(median time from an RTP packet reaching the client to its frame leaving recv()): {jb:.0f} ms "
+                f"({100 * jb / ctl:.0f} % of p50)."]
+    lc = r.get("listener_cpu")
+    if lc:
+        one, many = lc["one"], lc["many"]
+        out += ["", f"Listener cost, one stream, daemon CPU (/proc utime+stime) over {one['window_s']:.0f} s each:",
+                f"  1 listener : {one['cpu_per_s']:.3f} CPU s/s, {one['packets_per_s']:.1f} packets encoded/s, "
+                f"encoders {one['encoders']}",
+                f"  {lc['listeners']} listeners: {many['cpu_per_s']:.3f} CPU s/s, {many['packets_per_s']:.1f} "
+                f"packets encoded/s, encoders {many['encoders']}, peers {many['peers']}, frames/s per listener "
+                f"{many['frames_per_s_min']:.1f}-{many['frames_per_s_max']:.1f}",
+                f"  ratio {lc['ratio']:.2f}x ({1000 * lc['per_extra_listener_cpu_per_s']:.1f} ms CPU per s per extra "
+                "listener); target <= 3.0x at 20"]
     return "\n".join(out)
 
 
@@ -254,15 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=10, help="connections, each with one data-channel and one PATCH "
                                                         "change (default: %(default)s)")
-    p.add_argument("--buffer-frames", type=int, default=6, help="passed to `wavecast serve --buffer-frames`: "
-                   "10 ms frames generated ahead of the listener (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="3 reps: a smoke test, rough numbers")
+    p.add_argument("--buffer-frames", type=int, default=BUFFER_FRAMES,
+                   help="passed to `wavecast serve --buffer-frames`: 10 ms frames generated ahead of the listener "
+                        "(default: %(default)s)")
+    p.add_argument("--listeners", type=int, default=20, help="listeners on one stream for the CPU comparison with "
+                   "1 listener; 0 skips it (default: %(default)s)")
+    p.add_argument("--cpu-window", type=float, default=10.0, help="seconds the daemon's CPU is measured with 1 and "
+                   "with --listeners listeners (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="3 reps and a 3 s CPU window: a smoke test, rough numbers")
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/webrtc.json", help="JSON results (folder is made)")
     a = p.parse_args(argv)
     if a.quick:
-        a.reps = 3
+        a.reps, a.cpu_window = 3, min(a.cpu_window, 3.0)
     if a.reps < 1 or a.buffer_frames < 1:
         p.error("--reps and --buffer-frames must be at least 1")
+    if a.listeners < 0 or a.listeners == 1 or a.cpu_window <= 0:
+        p.error("--listeners must be 0 (skip) or at least 2, --cpu-window positive")
     started = time.perf_counter()
     log("render reference: the same pitch analysis on a clockless render")
     ref = {f"{x:g}->{y:g}": reference(x, y) for x, y in ((440.0, 660.0), (660.0, 440.0))}
@@ -272,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = server.request("GET", "/v1/models/default")[1]
             reps = asyncio.run(run(server, a.reps))
+            if a.listeners:
+                log(f"daemon CPU with 1 and {a.listeners} listeners on one stream, {a.cpu_window:g} s each")
+                cpu = asyncio.run(listener_cpu(server, a.listeners, a.cpu_window))
         except BaseException:
             log(f"failed; daemon log tail:\n{server.log.read_text()[-3000:]}")
             raise
@@ -288,10 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         latency[f"{how}_ack"] = stats([x[how]["ack_ms"] for x in reps])
         for k in ("moved_ms", "delivery_ms"):
             latency[f"{how}_{k}"] = stats([x[how][k] for x in reps])
+    heard = [x[how]["heard_ms"] for x in reps for how in ("datachannel", "http")]
+    heard = [v for v in heard if v is not None]
+    held = [x["jitter_buffer_ms"] for x in reps if x["jitter_buffer_ms"] is not None]
     r = {
         "bench": "webrtc", "created": datetime.now(UTC).isoformat(timespec="seconds"), "quick": a.quick,
         "host": {"cores": os.cpu_count(), "python": platform.python_version(), "aiortc": aiortc.__version__},
-        "settings": {"reps": a.reps, "buffer_frames": a.buffer_frames, "loudness_db": LOUDNESS,
+        "settings": {"reps": a.reps, "buffer_frames": a.buffer_frames, "listeners": a.listeners,
+                     "cpu_window_s": a.cpu_window, "loudness_db": LOUDNESS,
                      "window_ms": 1000 * WINDOW // SR, "fmin": FMIN, "fmax": FMAX, "tolerance": TOLERANCE,
                      "stable_frames": STABLE},
         "smoothing_s": tau,
@@ -301,7 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         "continuity": {k: sum(x[k] for x in reps) for k in ("frames", "silent_frames", "gap_frames",
                                                             "startup_silent_frames", "underruns")},
         "reps": reps,
+        # control -> heard over both routes (data channel and PATCH), and the client's jitter buffer's share
+        "control_to_heard_ms_p50": float(np.percentile(heard, 50)) if heard else None,
+        "control_to_heard_ms_p95": float(np.percentile(heard, 95)) if heard else None,
+        "jitter_buffer_ms": float(np.median(held)) if held else None,
     }
+    if a.listeners:
+        r["listener_cpu"] = cpu
+        r[f"listener_cpu_ratio_{a.listeners}"] = cpu["ratio"]
     r["seconds"] = round(time.perf_counter() - started, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")

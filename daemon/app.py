@@ -20,25 +20,27 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from daemon.device import DeviceError, DeviceOutput
-from daemon.peers import StreamTrack
+from daemon.peers import ENCODER_DELAY_SAMPLES, PACKET_SAMPLES, SAMPLE_RATE, Encoding, StreamEncoder
 from models.store import ModelStore
 from streaming.composer import ACTIONS, ComposerGroup, ComposerModel, describe_controls, validate_controls
 from streaming.controls import ControlError, validate
-from streaming.engine import Engine, Group, Stream
+from streaming.engine import BUDGET, BUFFER_FRAMES, Engine, EngineSaturated, Group, ModelFailed, Stream
 from streaming.model import FrameModel, ModelError
 
 log = logging.getLogger("wavecast.api")
 MAX_BODY_BYTES = 256 * 1024  # an SDP offer is a few KiB
+TELEMETRY_SECONDS = 1.0
+TELEMETRY_KEYS = ("id", "state", "latency_ms", "buffered_ms", "underruns", "listeners", "peers", "frames")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -48,14 +50,16 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "m
 class Daemon:
     """Everything `wavecast serve` holds: the engine, loaded models, peers and device outputs."""
 
-    def __init__(self, store: ModelStore, *, buffer_frames: int = 6, max_streams: int = 256,
-                 max_peers_per_stream: int = 16, token: str | None = None) -> None:
+    def __init__(self, store: ModelStore, *, buffer_frames: int = BUFFER_FRAMES, max_streams: int = 1024,
+                 budget: float = BUDGET, max_peers_per_stream: int = 64, token: str | None = None) -> None:
         self.store = store
-        self.engine = Engine(buffer_frames=buffer_frames)
+        self.engine = Engine(buffer_frames=buffer_frames, max_streams=max_streams, budget=budget)
         self.max_streams = max_streams
         self.max_peers_per_stream = max_peers_per_stream
         self.token = token
         self.peers: dict[str, set[RTCPeerConnection]] = {}
+        self.encoders: dict[str, StreamEncoder] = {}  # one per stream with WebRTC peers: packets fan out
+        self.encoding = Encoding()  # the thread that runs them
         self.outputs: dict[str, DeviceOutput] = {}
         self.started = time.time()
         self.errors = 0
@@ -82,11 +86,12 @@ class Daemon:
         key = (entry.manifest.name, entry.manifest.version)
         async with self._loading.setdefault(name, asyncio.Lock()):
             if key not in loaded:
+                loop = asyncio.get_running_loop()
                 try:
-                    model = await asyncio.get_running_loop().run_in_executor(None, loader, entry.directory)
+                    model = await loop.run_in_executor(None, loader, entry.directory)
                 except ModelError as e:
                     raise ApiError(500, "model_unusable", str(e)) from None
-                add(model)
+                await loop.run_in_executor(None, add, model)  # an instrument is timed here for admission
                 log.info("model loaded name=%s version=%s kind=%s", *key, kind)
         return loaded[key]
 
@@ -100,11 +105,26 @@ class Daemon:
     def stream_info(self, stream: Stream) -> dict:
         info = stream.info()
         info["peers"] = len(self.peers.get(stream.id, ()))
+        info["encoders"] = int(stream.id in self.encoders)
+        # a WebRTC listener also waits for a whole Opus packet and the encoder's lookahead
+        info["latency_ms"] |= {"packet": 1000 * PACKET_SAMPLES / SAMPLE_RATE,
+                               "encoder": round(1000 * ENCODER_DELAY_SAMPLES / SAMPLE_RATE, 1)}
         out = self.outputs.get(stream.id)
         info["device"] = out.info() if out else None
         return info
 
+    def encoder(self, stream: Stream) -> StreamEncoder:
+        """The stream's Opus encoder, started for its first WebRTC peer; it ends with its last."""
+        encoder = self.encoders.get(stream.id)
+        if encoder is None or encoder.closed:
+            encoder = self.encoders[stream.id] = StreamEncoder(stream, self.engine, self.encoding)
+            encoder.on_close(lambda e: self.encoders.pop(stream.id) if self.encoders.get(stream.id) is e else None)
+        return encoder
+
     async def close_stream(self, stream: Stream) -> None:
+        encoder = self.encoders.pop(stream.id, None)
+        if encoder:
+            encoder.close("stream_deleted", "the stream was deleted")
         for pc in list(self.peers.pop(stream.id, ())):
             await pc.close()
         out = self.outputs.pop(stream.id, None)
@@ -159,7 +179,7 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         daemon.errors += 1
-        return error_response(e.status, e.code, e.message)
+        return error_response(e.status, e.code, e.message, e.headers)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -180,8 +200,8 @@ routes = web.RouteTableDef()
 @routes.get("/v1/health")
 async def health(request: web.Request) -> web.Response:
     d: Daemon = request.app["daemon"]
-    return web.json_response({"status": "ok", "uptime_seconds": round(time.time() - d.started, 1),
-                              "streams": len(d.engine.streams)})
+    return web.json_response({**d.engine.health(), "uptime_seconds": round(time.time() - d.started, 1),
+                              "streams": len(d.engine.streams), "admission": d.engine.capacity()})
 
 
 @routes.get("/v1/models")
@@ -225,7 +245,13 @@ async def create_stream(request: web.Request) -> web.Response:
         controls = parse_composer_controls(body.get("controls", {}))
     else:
         controls = parse_controls(group, body.get("controls", {}))
-    stream = d.engine.create_stream(group, seed, controls, composer)
+    try:
+        stream = d.engine.create_stream(group, seed, controls, composer)
+    except EngineSaturated as e:
+        raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
+    except ModelFailed as e:
+        raise ApiError(503, "model_failed", f"{e}; see GET /v1/health (a new version of the model or a daemon "
+                                            "restart brings it back)") from None
     log.info("stream created id=%s model=%s composer=%s seed=%s", stream.id, name, composer_name, seed)
     return web.json_response(d.stream_info(stream), status=201)
 
@@ -277,8 +303,8 @@ def apply_patch(stream: Stream, body: Any) -> dict:
         raise ApiError(422, "invalid_action", f"actions {list(ACTIONS)} apply to composed streams"
                                               if voice is None else f"'action' must be one of {list(ACTIONS)}")
     if voice is None:
-        stream.smoother.set(parse_controls(stream, body["controls"]))
-        return {"controls": stream.smoother.as_dict()}
+        stream.set_controls(parse_controls(stream, body["controls"]))
+        return {"controls": stream.controls()}
     controls = parse_composer_controls(body.get("controls", {}))
     voice.set(controls)
     if action is not None:
@@ -302,13 +328,23 @@ async def delete_stream(request: web.Request) -> web.Response:
     return web.json_response({"id": stream.id, "deleted": True})
 
 
-async def announce_notes(stream: Stream, channel, period: float = 0.02) -> None:
-    """Send {"type": "now_playing", ...} on the data channel whenever the composed stream starts a note."""
-    voice, sent = stream.voice, -1
+async def announce(d: Daemon, stream: Stream, channel, period: float = 0.02) -> None:
+    """What a listener is told without asking, on its data channel: `now_playing` whenever a composed stream
+    starts a note, `stream_failed` once if the stream's model fails, and every TELEMETRY_SECONDS a
+    `telemetry` message with the stream's latency parts, fill and underruns."""
+    voice, sent, failed, told = stream.voice, -1, False, -math.inf
     while channel.readyState != "closed":
-        if channel.readyState == "open" and voice.count != sent:
-            sent = voice.count
-            channel.send(json.dumps({"type": "now_playing", **voice.now_playing()}))
+        if channel.readyState == "open":
+            if voice is not None and voice.count != sent:
+                sent = voice.count
+                channel.send(json.dumps({"type": "now_playing", **voice.now_playing()}))
+            if stream.failure and not failed:
+                failed = True
+                channel.send(json.dumps({"type": "stream_failed", "id": stream.id, "reason": stream.failure}))
+            if time.monotonic() - told >= TELEMETRY_SECONDS:
+                told = time.monotonic()
+                info = d.stream_info(stream)
+                channel.send(json.dumps({"type": "telemetry", **{k: info[k] for k in TELEMETRY_KEYS}}))
         await asyncio.sleep(period)
 
 
@@ -322,18 +358,39 @@ async def webrtc_offer(request: web.Request) -> web.Response:
     peers = d.peers.setdefault(stream.id, set())
     if len(peers) >= d.max_peers_per_stream:
         raise ApiError(429, "too_many_peers", f"a stream takes at most {d.max_peers_per_stream} WebRTC peers")
+    try:
+        track = d.encoder(stream).track()  # the stream's one Opus encoder; this peer gets its packets
+    except ValueError as e:
+        raise ApiError(422, "unsupported_model", str(e)) from None
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    track = StreamTrack(stream, d.engine)
     peers.add(pc)
 
     tasks: set[asyncio.Task] = set()
+    channels: list = []
+    closing = False
 
-    async def close() -> None:
+    async def close(reason: dict | None = None) -> None:
+        nonlocal closing
+        if closing:
+            return
+        closing = True
         track.stop()
         peers.discard(pc)
         for task in tasks:
             task.cancel()
+        if reason is not None:  # the encoder ended (failed, or the stream went): say why before hanging up
+            log.warning("closing peer stream=%s: %s", stream.id, reason["message"])
+            open_ = [ch for ch in channels if ch.readyState == "open"]
+            for channel in open_:
+                channel.send(json.dumps({"type": "error", "error": reason}))
+            if open_:
+                await asyncio.sleep(0.1)  # let SCTP send it
         await pc.close()
+
+    @track.on("ended")
+    def on_ended() -> None:
+        if track.ended is not None:
+            asyncio.ensure_future(close(track.ended))
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
@@ -345,8 +402,8 @@ async def webrtc_offer(request: web.Request) -> web.Response:
     def on_channel(channel) -> None:
         if channel.label != "controls":
             return
-        if stream.voice is not None:
-            tasks.add(asyncio.ensure_future(announce_notes(stream, channel)))
+        channels.append(channel)
+        tasks.add(asyncio.ensure_future(announce(d, stream, channel)))
 
         @channel.on("message")
         def on_message(message: str | bytes) -> None:
@@ -410,8 +467,11 @@ async def metrics(request: web.Request) -> web.Response:
     lines = [
         ("wavecast_streams", "gauge", "streams that exist", len(streams)),
         ("wavecast_listeners", "gauge", "readers (WebRTC tracks, devices) across streams",
-         sum(len(s.ring.readers()) for s in streams)),
+         sum(len(s.readers) for s in streams)),
         ("wavecast_peers", "gauge", "WebRTC peer connections", sum(len(p) for p in d.peers.values())),
+        ("wavecast_encoders", "gauge", "Opus encoders running, one per stream with WebRTC listeners", len(d.encoders)),
+        ("wavecast_packets_encoded_total", "counter", "Opus packets encoded (20 ms each, shared by a stream's peers)",
+         d.encoding.packets),
         ("wavecast_underruns_total", "counter", "reads that found too little audio (live streams)",
          sum(s.underruns for s in streams)),
         ("wavecast_engine_ticks_total", "counter", "ticks that generated audio", st.ticks),
@@ -424,6 +484,16 @@ async def metrics(request: web.Request) -> web.Response:
         ("wavecast_composer_steps_total", "counter", "batched composer calls", st.composer_steps),
         ("wavecast_composer_notes_total", "counter", "notes and rests composed", st.notes),
         ("wavecast_http_errors_total", "counter", "requests answered with an error", d.errors),
+        ("wavecast_streams_refused_total", "counter", "streams refused by admission control", st.refused),
+        ("wavecast_stream_failures_total", "counter", "streams failed by a fault of their model", st.stream_failures),
+        ("wavecast_nonfinite_frames_total", "counter", "stream-frames silenced: the model made NaN or inf",
+         st.nonfinite_frames),
+        ("wavecast_guarded_frames_total", "counter", "stream-frames the output guard clipped or silenced",
+         sum(g.guarded_frames for g in list(d.engine.groups.values()))),
+        ("wavecast_models_failed", "gauge", "models and composers quarantined after a fault", len(st.failures)),
+        ("wavecast_engine_predicted_tick_seconds", "gauge", "tick time admission control predicts for the streams",
+         d.engine.predicted_seconds()),
+        ("wavecast_engine_last_tick_seconds", "gauge", "time the last tick took", st.last_tick_seconds),
     ]
     text = []
     for name, kind, help_, value in lines:

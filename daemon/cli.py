@@ -70,7 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.ice_host:
         use_ice_host(args.ice_host)
     daemon = Daemon(ModelStore(args.store), buffer_frames=args.buffer_frames, max_streams=args.max_streams,
-                    token=args.token)
+                    budget=args.tick_budget, max_peers_per_stream=args.max_peers_per_stream, token=args.token)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
     runner = web.AppRunner(make_app(daemon), access_log=None)
@@ -90,9 +90,14 @@ async def serve(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    if args.buffer_frames < 2:
-        print("error: --buffer-frames must be at least 2: a WebRTC packet takes 20 ms (2 frames) at once",
+    from streaming.engine import MAX_BUFFER_FRAMES
+
+    if not 2 <= args.buffer_frames <= MAX_BUFFER_FRAMES:
+        print(f"error: --buffer-frames must be 2-{MAX_BUFFER_FRAMES}: a WebRTC packet takes 20 ms (2 frames) at once",
               file=sys.stderr)
+        return 2
+    if not 0.05 <= args.tick_budget <= 1.0:
+        print("error: --tick-budget is a share of a frame, 0.05-1.0 (0.7 leaves 30 % for load spikes)", file=sys.stderr)
         return 2
     args.token = args.token or os.environ.get("WAVECAST_TOKEN")
     if not is_loopback(args.host) and not args.token:
@@ -177,6 +182,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from models import reexport
+    except ImportError as e:
+        print(f"error: exporting needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
+        return 2
+    reexport.run(args, sys.argv[1:])
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.store import ModelStore
 
@@ -256,6 +271,8 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from streaming.engine import BUDGET, BUFFER_FRAMES, MAX_BUFFER_FRAMES
+
     p = argparse.ArgumentParser(prog="wavecast", description="Real-time generative audio from stateful LSTM models.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s)")
@@ -270,9 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="default", help="model to load and check at start (default: %(default)s)")
     s.add_argument("--ice-host", help="offer this address as the only ICE host candidate, e.g. 127.0.0.1 for "
                                       "local clients (aioice leaves loopback out otherwise)")
-    s.add_argument("--buffer-frames", type=int, default=6,
-                   help="frames (10 ms each) generated ahead of the hungriest listener (default: %(default)s)")
-    s.add_argument("--max-streams", type=int, default=256, help="streams allowed at once (default: %(default)s)")
+    s.add_argument("--buffer-frames", type=int, default=BUFFER_FRAMES,
+                   help="frames (10 ms each) a stream starts generating ahead of its hungriest listener; it grows by "
+                        f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns (default: %(default)s)")
+    s.add_argument("--max-streams", type=int, default=1024,
+                   help="hard limit on streams; below it admission control refuses (503) a stream that would push "
+                        "the tick past --tick-budget (default: %(default)s)")
+    s.add_argument("--tick-budget", type=float, default=BUDGET, metavar="FRACTION",
+                   help="share of each 10 ms frame the predicted tick may take before new streams are refused "
+                        "(default: %(default)s)")
+    s.add_argument("--max-peers-per-stream", type=int, default=64,
+                   help="WebRTC peers one stream takes; they share its one Opus encoding (default: %(default)s)")
     s.add_argument("--token", help="bearer token required from clients; needed for non-loopback --host")
     s.set_defaults(func=cmd_serve)
 
@@ -310,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "verify (parity; held-out NLL against unigram and bigram baselines), publish.")
     add_composer_train_arguments(tc)
     tc.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="re-export a trained instrument's graph with today's synthesis (no retraining)",
+                       description="Read the trained weights back out of each instrument's model.onnx, check them "
+                                   "against it, export the graph with the current synthesis, verify torch against "
+                                   "ONNX Runtime over 240 stateful frames and the new graph against the old on the "
+                                   "same inputs (max |new - old|, SNR >= 60 dB), and write model.onnx and model.json "
+                                   "(name, version, controls, states and training kept; the re-export recorded "
+                                   "under training.reexport).")
+    x.add_argument("model_dirs", nargs="+", type=Path, metavar="DIR", help="instrument model directory")
+    x.add_argument("--out", type=Path, help="write here instead of in place (with several DIRs: OUT/<dir name>)")
+    x.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list the models the daemon can play")
     m.add_argument("--store", type=Path, help=store_help)

@@ -22,6 +22,8 @@ class Listener:
         self.channel = self.pc.createDataChannel("controls")
         self.replies: asyncio.Queue[dict] = asyncio.Queue()  # answers to what we sent
         self.now_playing: list[dict] = []  # a composed stream's note announcements
+        self.telemetry: list[dict] = []  # the stream's latency, fill and underruns, about once a second
+        self.failure: asyncio.Future = asyncio.get_running_loop().create_future()  # the stream_failed notice
         self.track_ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.channel_open = asyncio.Event()
         self.first_audio_at: float | None = None
@@ -38,8 +40,14 @@ class Listener:
         @self.channel.on("message")
         def on_message(message: str) -> None:
             body = json.loads(message)
-            if body.get("type") == "now_playing":
+            kind = body.get("type")
+            if kind == "now_playing":
                 self.now_playing.append(body)
+            elif kind == "telemetry":
+                self.telemetry.append(body)
+            elif kind == "stream_failed":
+                if not self.failure.done():
+                    self.failure.set_result(body)
             else:
                 self.replies.put_nowait(body)
 

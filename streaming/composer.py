@@ -188,10 +188,11 @@ class Note:
 class ComposerGroup:
     """The voices of one composer version: their LSTM states and one batched step for those that need it."""
 
-    def __init__(self, model: ComposerModel) -> None:
+    def __init__(self, model: ComposerModel, capacity: int) -> None:
         self.model = model
         self.manifest = model.manifest
-        self.pool = StatePool(model.manifest)
+        self.pool = StatePool(model.manifest, capacity)
+        self.failure: str | None = None  # set when the engine quarantines this composer
         self.tokens = np.zeros((0, 1, 2), np.int64)
         self.features = np.zeros((0, 1, FEATURES), np.float32)
 

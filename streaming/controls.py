@@ -34,34 +34,52 @@ def validate(manifest: Manifest, values: object) -> dict[str, float]:
     return checked
 
 
-class Smoother:
-    """Per-frame one-pole smoothing of control targets, so steps in a control never click."""
+class Controls:
+    """Control targets and smoothed values of every slot of one model, one row a stream: a whole batch is
+    smoothed with a few array operations. Each frame a value moves by `alpha` of the way to its target
+    (one-pole smoothing with the manifest's time constant), so a step in a control never clicks.
 
-    def __init__(self, manifest: Manifest, targets: Mapping[str, float]) -> None:
+    Targets may be set from any thread: each is one element write, seen by the next frame made."""
+
+    def __init__(self, manifest: Manifest, slots: int) -> None:
         self.names = [c.name for c in manifest.controls]
-        self.targets = np.array([targets.get(c.name, c.default) for c in manifest.controls], np.float32)
-        self.current = self.targets.copy()
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.defaults = np.array([c.default for c in manifest.controls], np.float32)
         self.alpha = np.array(
             [1.0 - math.exp(-manifest.frame_seconds / c.smoothing) if c.smoothing > 0 else 1.0
              for c in manifest.controls], np.float32,
         )
+        self.targets = np.zeros((slots, len(self.names)), np.float32)
+        self.current = np.zeros_like(self.targets)
+        self._target = np.zeros_like(self.targets)  # scratch for a batch
 
-    def set(self, values: Mapping[str, float]) -> None:
-        """New targets (already validated); safe to call from another thread than `step`."""
-        targets = self.targets.copy()
+    def reset(self, slot: int, values: Mapping[str, float]) -> None:
+        """A new stream in `slot` starts at its controls (defaults for the rest), unsmoothed."""
+        row = self.defaults.copy()
         for name, value in values.items():
-            targets[self.names.index(name)] = value
-        self.targets = targets  # one reference swap: the engine sees the old or the new array, never a mix
+            row[self.index[name]] = value
+        self.targets[slot] = row
+        self.current[slot] = row
 
-    def jump(self, values: np.ndarray) -> None:
-        """Take `values` (all controls, manifest order) now, unsmoothed: for control curves already smooth."""
-        self.targets = np.asarray(values, np.float32).copy()
-        self.current = self.targets.copy()
+    def set(self, slot: int, values: Mapping[str, float]) -> None:
+        """New targets (already validated)."""
+        for name, value in values.items():
+            self.targets[slot, self.index[name]] = value
 
-    def step(self, out: np.ndarray) -> None:
-        """Advance one frame and write the smoothed values into `out`."""
-        self.current += self.alpha * (self.targets - self.current)
-        out[:] = self.current
+    def jump(self, slot: int, columns: list[int] | slice, values: np.ndarray) -> None:
+        """Take `values` for `columns` now, unsmoothed: for control curves already smooth."""
+        self.targets[slot, columns] = values
+        self.current[slot, columns] = values
 
-    def as_dict(self) -> dict[str, float]:
-        return {n: float(v) for n, v in zip(self.names, self.targets, strict=True)}
+    def step(self, slots: np.ndarray, out: np.ndarray) -> None:
+        """Advance the streams in `slots` one frame and write their smoothed values into `out` [n, C]."""
+        target = self._target[: len(slots)]
+        np.take(self.current, slots, axis=0, out=out)
+        np.take(self.targets, slots, axis=0, out=target)
+        target -= out
+        target *= self.alpha
+        out += target
+        self.current[slots] = out
+
+    def as_dict(self, slot: int) -> dict[str, float]:
+        return {n: float(v) for n, v in zip(self.names, self.targets[slot], strict=True)}

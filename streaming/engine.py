@@ -1,108 +1,234 @@
 """The real-time engine: one inference thread, one batched ONNX Runtime call per model per tick.
 
-A stream is a model version + a state slot + a seeded noise generator + smoothed controls + a ring
-buffer. Sinks pull from the ring at their own clock; each tick the engine generates one frame for every
-stream whose hungriest listener has less than `buffer_frames` frames buffered, so the engine is paced by
-its listeners and a stream nobody listens to costs nothing. Stream and slot changes are queued and
-applied by the inference thread at the start of a tick, so the pools are touched by one thread only.
+A stream is a slot in its model's group: a row of state tensors, control targets, a noise key and a ring
+of audio. Sinks pull from the ring at their own clock; each tick the engine generates one frame for every
+stream whose hungriest listener has less than the stream's target fill buffered, so the engine is paced by
+its listeners and a stream nobody listens to costs nothing.
+
+A tick is a pipeline of stages over whole batches, each owning preallocated arrays sized up front:
+controls (smoothed as arrays) and noise (one gather) -> the model call (ONNX Runtime writes into the
+group's buffers through an IOBinding) -> the output guard (non-finite or out-of-range samples never
+reach a listener) -> the rings (one array write). Only composed streams do Python per stream (the
+performer). Each model group runs in its own guard: a group whose call raises is quarantined and its
+streams fail with the reason, while every other group keeps its real time.
+
+Admission: each group knows its cost (fixed + per stream, measured when the model is loaded and
+corrected by the ticks' measured times), and the engine refuses a stream that would push the predicted
+tick past `budget` of a frame.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from streaming.composer import ComposerGroup, ComposerModel, Note, Voice
-from streaming.controls import Smoother
-from streaming.model import FrameModel, Manifest, StatePool
-from streaming.ring import Reader, RingBuffer
+from streaming.controls import Controls
+from streaming.model import FrameModel, Manifest, PoolFull, StatePool
+from streaming.noise import NoiseTable, stream_key
+from streaming.ring import Reader, Rings
 
 log = logging.getLogger("wavecast.engine")
-RING_SECONDS = 0.5  # a listener that falls this far behind skips ahead
+BUFFER_FRAMES = 3  # target fill a stream starts with: 30 ms generated ahead of its hungriest listener
+MAX_BUFFER_FRAMES = 12  # a listener that underruns grows its stream's fill up to this
+RING_FRAMES = 24  # ring length: twice the largest fill, so a listener never laps the writer
+BUDGET = 0.7  # share of a frame the predicted tick may take before new streams are refused
+RETRY_AFTER_SECONDS = 10
+LOG_EVERY_SECONDS = 10.0
+BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # batch sizes a CUDA group pads to: few shapes to plan for
+
+
+class EngineSaturated(Exception):
+    """Admitting another stream would break real time for the ones playing."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelFailed(Exception):
+    """The model's group is quarantined after a fault; the message says what failed."""
+
+
+class Throttled:
+    """Logs the first occurrence of each kind of fault at once, then at most one line per `every` seconds
+    saying how many were left out, so a fault that repeats every tick cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, every: float = LOG_EVERY_SECONDS) -> None:
+        self.logger, self.every = logger, every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def error(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -math.inf) < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        self.logger.error(message + (f" ({held} more like it in the last {self.every:g} s)" if held else ""), *args)
+
+
+def describe(error: BaseException) -> str:
+    """One line for people: the exception's own message (first line, bounded), not its repr."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:300]
 
 
 class Group:
-    """The streams of one model version: the model, its state pool and preallocated batch arrays."""
+    """The streams of one model version: the model and every per-slot array its batches use."""
 
-    def __init__(self, model: FrameModel) -> None:
+    def __init__(self, model: FrameModel, capacity: int, buffer_frames: int, max_buffer_frames: int,
+                 cost: tuple[float, float]) -> None:
+        m = model.manifest
         self.model = model
-        self.manifest = model.manifest
-        self.pool = StatePool(model.manifest)
-        self.control = np.zeros((0, 1, len(self.manifest.controls)), np.float32)
-        self.noise = np.zeros((0, 1, self.manifest.noise), np.float32)
-        self.slots = np.zeros(0, np.intp)
+        self.manifest = m
+        # On a GPU a padded row costs next to nothing, and a few fixed shapes let ORT reuse its plans.
+        self.buckets = model.providers[0] == "CUDAExecutionProvider"
+        if self.buckets:
+            capacity = self.bucket(capacity)
+        self.capacity = capacity
+        self.fixed_seconds, self.stream_seconds = cost  # predicted call time: fixed + per stream
+        self.pool = StatePool(m, capacity)
+        self.controls = Controls(m, capacity)
+        self.rings = Rings(capacity, max(RING_FRAMES, 2 * max_buffer_frames), m.hop, buffer_frames,
+                           max_buffer_frames)
+        self.noise_table = NoiseTable(m.noise)
+        self.keys = np.zeros(capacity, np.uint64)
+        self.active = np.zeros(capacity, bool)  # slots whose stream is generated (created, not failed)
+        self.streams: list[Stream | None] = [None] * capacity
+        self.control = np.tile(np.array([c.default for c in m.controls], np.float32), (capacity, 1, 1))
+        self.noise = np.zeros((capacity, 1, m.noise), np.float32)
+        self.audio = np.zeros((capacity, m.hop), np.float32)
+        self.returned = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in m.states}
+        self._abs = np.zeros((capacity, m.hop), np.float32)
+        self._peak = np.zeros(capacity, np.float32)
+        self.admitted = 0  # streams that exist (a deleted one's slot is released a tick later)
+        self.failure: str | None = None
+        self.guarded_frames = 0  # frames whose samples the guard had to clip or silence
 
-    def run(self, streams: list[Stream]) -> np.ndarray:
-        """One batched frame for `streams`; writes each stream's audio to its ring and returns the batch."""
-        n = len(streams)
-        if len(self.control) < n:  # batch arrays grow by doubling; a tick allocates nothing otherwise
-            size = max(n, 2 * len(self.control), 8)
-            self.control = np.zeros((size, 1, len(self.manifest.controls)), np.float32)
-            self.noise = np.zeros((size, 1, self.manifest.noise), np.float32)
-            self.slots = np.zeros(size, np.intp)
-        slots = self.slots[:n]
-        for i, s in enumerate(streams):
-            slots[i] = s.slot
-            s.smoother.step(self.control[i, 0])
-            s.rng.random(out=self.noise[i, 0], dtype=np.float32)
-        audio, states = self.model.run(self.control[:n], self.noise[:n], self.pool.gather(slots))
-        self.pool.scatter(slots, states)
-        for i, s in enumerate(streams):
-            s.ring.write(audio[i])
-            s.frames += 1
-        return audio
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.manifest.name, self.manifest.version
+
+    def predicted_seconds(self, streams: int) -> float:
+        return self.fixed_seconds + self.stream_seconds * streams if streams else 0.0
+
+    def bucket(self, n: int) -> int:
+        """The batch a call of `n` streams runs at: `n` itself on the CPU, padded up to a bucket on CUDA."""
+        return next((b for b in BUCKETS if b >= n), n) if self.buckets else n
+
+    def needy(self) -> np.ndarray:
+        """Slots to generate this tick: active, listened to, and below their target fill."""
+        r = self.rings
+        below = r.written * r.hop - r.floor < r.ahead * r.hop
+        return np.flatnonzero(self.active & (r.listeners > 0) & below)
+
+    def run(self, slots: np.ndarray) -> np.ndarray:
+        """One frame for every slot in `slots`, written to their rings; returns the batch rows whose
+        output was not finite (they were silenced)."""
+        n, b = len(slots), self.bucket(len(slots))  # rows n..b pad a bucket: stale inputs, outputs unused
+        self.controls.step(slots, self.control[:n, 0])
+        self.noise_table.fill(self.keys[slots], self.rings.written[slots], self.noise[:n, 0])
+        self.pool.gather(slots)
+        self.model.run_into(self.control[:b], self.noise[:b], self.pool.batch(self.pool.gathered, b), self.audio[:b],
+                            self.pool.batch(self.returned, b))
+        audio = self.audio[:n]
+        bad = self.guard(audio)
+        self.pool.scatter(slots, self.pool.batch(self.returned, n))
+        self.rings.write(slots, audio)
+        return bad
+
+    def guard(self, audio: np.ndarray) -> np.ndarray:
+        """Silence rows with NaN or inf and clip rows beyond [-1, 1], in place; returns the silenced rows."""
+        n = len(audio)
+        peak = self._peak[:n]
+        np.max(np.abs(audio, out=self._abs[:n]), axis=1, out=peak)
+        if peak.max() <= 1.0:  # the common case; False when any peak is NaN
+            return np.zeros(0, np.intp)
+        finite = np.isfinite(peak)
+        bad = np.flatnonzero(~finite)
+        audio[bad] = 0.0
+        np.clip(audio, -1.0, 1.0, out=audio)
+        self.guarded_frames += int(np.count_nonzero(finite & (peak > 1.0))) + len(bad)
+        return bad
 
 
 class Stream:
     """One generated stream; listeners read it through their own `Reader`."""
 
-    def __init__(self, group: Group, seed: int, controls: Mapping[str, float], ring_seconds: float,
-                 voice: Voice | None = None) -> None:
-        m = group.manifest
+    def __init__(self, group: Group, slot: int, seed: int, voice: Voice | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.group = group
+        self.slot = slot
         self.seed = seed
-        self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.smoother = Smoother(m, controls)
         self.voice = voice  # a composed stream: the voice sets f0 and loudness every frame
-        self.performed = self.smoother.targets.copy()
-        self.played = [self.smoother.names.index(n) for n in ("f0", "loudness")] if voice else []
-        self.ring = RingBuffer(int(ring_seconds * m.sample_rate))
-        self.slot: int | None = None  # assigned by the inference thread
-        self.frames = 0
+        self.played = [group.controls.index[n] for n in ("f0", "loudness")] if voice else []
+        self.failure: str | None = None
         self.closed_underruns = 0
 
     @property
     def manifest(self) -> Manifest:
         return self.group.manifest
 
+    @property
+    def frames(self) -> int:
+        return int(self.group.rings.written[self.slot])
+
+    @property
+    def readers(self) -> list[Reader]:
+        return self.group.rings.readers[self.slot]
+
     def listen(self) -> Reader:
-        return self.ring.reader()
+        return self.group.rings.reader(self.slot)
 
     def unlisten(self, reader: Reader) -> None:
-        self.closed_underruns += reader.underruns
-        self.ring.close(reader)
+        if not reader.closed:
+            self.closed_underruns += reader.underruns
+        self.group.rings.close(reader)
 
     @property
     def underruns(self) -> int:
-        return self.closed_underruns + sum(r.underruns for r in self.ring.readers())
+        return self.closed_underruns + sum(r.underruns for r in self.readers)
+
+    def set_controls(self, values: Mapping[str, float]) -> None:
+        """New (validated) control targets; the next frame made starts moving to them."""
+        self.group.controls.set(self.slot, values)
+
+    def controls(self) -> dict[str, float]:
+        return self.group.controls.as_dict(self.slot)
 
     def perform(self) -> None:
         """Take this frame's f0 and loudness from the voice (unsmoothed: the performer shapes them)."""
-        self.performed[self.played] = self.voice.frame_controls(self.frames)
-        self.smoother.jump(self.performed)
+        self.group.controls.jump(self.slot, self.played, self.voice.frame_controls(self.frames))
+
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        self.group.active[self.slot] = False
+
+    @property
+    def state(self) -> str:
+        return "failed" if self.failure else "playing" if self.readers else "idle"
+
+    def latency(self) -> dict[str, Any]:
+        """What stands between a control change and the audio leaving the engine, in ms."""
+        m = self.manifest
+        frame_ms = 1000 * m.frame_seconds
+        return {"buffer": round(int(self.group.rings.ahead[self.slot]) * frame_ms, 1),
+                "smoothing": {c.name: round(1000 * c.smoothing, 1) for c in m.controls}}
 
     def info(self) -> dict:
-        m, listeners = self.manifest, len(self.ring.readers())
-        buffered = self.ring.min_buffered()
+        m = self.manifest
+        buffered = self.group.rings.buffered(self.slot)
         composed = {}
         if self.voice is not None:
             v = self.voice
@@ -110,11 +236,12 @@ class Stream:
                         "now_playing": v.now_playing()}
         return {
             "id": self.id, "model": m.name, "version": m.version, "seed": self.seed, **composed,
-            "controls": self.voice.settings if self.voice else self.smoother.as_dict(),
-            "state": "playing" if listeners else "idle",
-            "underruns": self.underruns, "listeners": listeners, "frames": self.frames,
+            "controls": self.voice.settings if self.voice else self.controls(),
+            "state": self.state, **({"failure": self.failure} if self.failure else {}),
+            "underruns": self.underruns, "listeners": len(self.readers), "frames": self.frames,
             "seconds": round(self.frames * m.frame_seconds, 3),
             "buffered_ms": None if buffered is None else round(1000 * buffered / m.sample_rate, 1),
+            "latency_ms": self.latency(),
         }
 
 
@@ -126,71 +253,131 @@ class Stats:
     busy_seconds: float = 0.0  # time spent generating
     max_tick_seconds: float = 0.0
     last_batch: int = 0
+    last_tick_seconds: float = 0.0
     composer_steps: int = 0  # batched composer calls
     notes: int = 0  # notes (and rests) composed
+    refused: int = 0  # streams refused by admission control
+    stream_failures: int = 0  # streams failed by a fault of their model or their own output
+    nonfinite_frames: int = 0  # stream-frames silenced by the output guard
+    failures: list[dict] = field(default_factory=list)  # quarantined models and composers, with reasons
 
 
 class Engine:
-    """Owns the groups, the streams and the inference thread."""
+    """Owns the groups, the streams and the inference thread.
 
-    def __init__(self, buffer_frames: int = 6, ring_seconds: float = RING_SECONDS) -> None:
+    `budget` is the share of a frame the predicted tick may take (None: no admission control, for
+    renders and benches); `max_streams` bounds the slots of each group."""
+
+    def __init__(self, buffer_frames: int = BUFFER_FRAMES, max_buffer_frames: int = MAX_BUFFER_FRAMES,
+                 max_streams: int = 1024, budget: float | None = BUDGET) -> None:
         self.buffer_frames = buffer_frames
-        self.ring_seconds = ring_seconds
+        self.max_buffer_frames = max(buffer_frames, max_buffer_frames)
+        self.max_streams = max_streams
+        self.budget = budget
+        self.overhead = 1.0  # measured tick time / predicted model time (>= 1), updated every tick
         self.groups: dict[tuple[str, int], Group] = {}
         self.composers: dict[tuple[str, int], ComposerGroup] = {}
         self.streams: dict[str, Stream] = {}
         self.stats = Stats()
+        self._faults = Throttled(log)
         self._pending: deque[Callable[[], None]] = deque()
+        self._admit = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- called from any thread ---------------------------------------------------------------------
+    # -- called from any thread (model loading runs off the event loop: it measures the model) -------
     def add_model(self, model: FrameModel) -> Group:
         key = (model.manifest.name, model.manifest.version)
         if key not in self.groups:
-            self.groups[key] = Group(model)
+            capacity, cost = self.max_streams, (0.0, 0.0)
+            if self.budget is not None:
+                cost = model.calibrate()
+                fits = (self.budget * model.manifest.frame_seconds - cost[0]) / cost[1]
+                capacity = max(1, min(self.max_streams, int(2 * fits) + 8))  # headroom for a faster machine state
+            self.groups[key] = Group(model, capacity, self.buffer_frames, self.max_buffer_frames, cost)
+            log.info("model group name=%s version=%s slots=%d fixed_us=%.0f per_stream_us=%.1f", *key, capacity,
+                     1e6 * cost[0], 1e6 * cost[1])
         return self.groups[key]
 
     def add_composer(self, model: ComposerModel) -> ComposerGroup:
         key = (model.manifest.name, model.manifest.version)
         if key not in self.composers:
-            self.composers[key] = ComposerGroup(model)
+            self.composers[key] = ComposerGroup(model, self.max_streams)
         return self.composers[key]
+
+    def predicted_seconds(self, extra: Group | None = None) -> float:
+        """The tick time predicted for every stream there is (plus one of `extra`), measured overhead included."""
+        total = sum(g.predicted_seconds(g.admitted + (g is extra)) for g in list(self.groups.values())
+                    if g.failure is None)
+        return total * self.overhead
+
+    def capacity(self) -> dict[str, Any]:
+        """Admission figures for health and metrics."""
+        frame = min((g.manifest.frame_seconds for g in self.groups.values()), default=0.01)
+        return {"budget_ms": None if self.budget is None else round(1000 * self.budget * frame, 2),
+                "predicted_tick_ms": round(1000 * self.predicted_seconds(), 3), "overhead": round(self.overhead, 3)}
 
     def create_stream(self, group: Group, seed: int, controls: Mapping[str, Any],
                       composer: ComposerGroup | None = None, keep_notes: int | None = 2000) -> Stream:
-        """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated)."""
+        """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated).
+        Raises EngineSaturated when it would break real time, ModelFailed for a quarantined model."""
+        if group.failure is not None:
+            raise ModelFailed(group.failure)
+        with self._admit:
+            if self.budget is not None:
+                predicted = self.predicted_seconds(extra=group)
+                budget = self.budget * group.manifest.frame_seconds
+                if predicted > budget:
+                    self.stats.refused += 1
+                    raise EngineSaturated(
+                        f"the engine is at its real-time budget: {len(self.streams)} streams would take "
+                        f"{1000 * predicted:.1f} ms of every {1000 * group.manifest.frame_seconds:.0f} ms frame "
+                        f"with another (limit {1000 * budget:.1f} ms); delete a stream or retry later")
+            try:
+                slot = group.pool.allocate()
+            except PoolFull:
+                self.stats.refused += 1
+                raise EngineSaturated(f"model '{group.manifest.name}' has all its {group.capacity} slots in use; "
+                                      "delete a stream or retry later") from None
+            group.admitted += 1
         voice = None
         if composer is not None:
             f0 = group.manifest.control("f0")
             voice = Voice(composer, seed, controls, (f0.min, f0.max), group.manifest.frame_seconds, keep_notes)
+            try:
+                voice.slot = composer.pool.allocate()
+            except PoolFull:
+                group.pool.release(slot)
+                group.admitted -= 1
+                raise EngineSaturated("the composer has all its slots in use; retry later") from None
             controls = {}
-        stream = Stream(group, seed, controls, self.ring_seconds, voice)
-
-        def attach() -> None:
-            stream.slot = group.pool.allocate()
-            if voice is not None:
-                voice.slot = voice.group.pool.allocate()
-
-        self._pending.append(attach)
+        group.rings.reset(slot)
+        group.controls.reset(slot, controls)
+        group.keys[slot] = stream_key(seed)
+        stream = Stream(group, slot, seed, voice)
+        group.streams[slot] = stream
         self.streams[stream.id] = stream
+        group.active[slot] = True  # last: the inference thread sees a fully set-up slot
         self.notify()
         return stream
 
     def delete_stream(self, stream_id: str) -> Stream | None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
+            group = stream.group
+            group.active[stream.slot] = False
+            group.admitted -= 1
 
-            def detach() -> None:
-                if stream.slot is not None:
-                    stream.group.pool.release(stream.slot)
-                    stream.slot = None
+            def release() -> None:  # after the tick that may still be writing the slot
+                group.streams[stream.slot] = None
+                group.rings.reset(stream.slot)
+                group.pool.release(stream.slot)
                 if stream.voice is not None and stream.voice.slot is not None:
                     stream.voice.group.pool.release(stream.voice.slot)
                     stream.voice.slot = None
 
-            self._pending.append(detach)
+            self._pending.append(release)
             self.notify()
         return stream
 
@@ -198,55 +385,101 @@ class Engine:
         """Wake the inference thread: a listener has taken audio or the streams changed."""
         self._wake.set()
 
+    def health(self) -> dict[str, Any]:
+        failed = [s for s in list(self.streams.values()) if s.failure]
+        return {"status": "degraded" if failed or self.stats.failures else "ok",
+                "failed_streams": [{"id": s.id, "model": s.manifest.name, "reason": s.failure} for s in failed],
+                "failed_models": list(self.stats.failures)}
+
     # -- the inference thread -----------------------------------------------------------------------
     def tick(self) -> int:
         """Generate one frame for every stream that needs one; returns how many frames were made."""
         while self._pending:
-            self._pending.popleft()()
-        needy: dict[Group, list[Stream]] = {}
-        for s in list(self.streams.values()):
-            if s.slot is None:
-                continue
-            buffered = s.ring.min_buffered()
-            if buffered is not None and buffered < self.buffer_frames * s.manifest.hop:
-                needy.setdefault(s.group, []).append(s)
-        if not needy:
+            op = self._pending.popleft()
+            try:
+                op()
+            except Exception as e:  # a release that fails must not stop the tick; say so
+                self._faults.error("pending", "engine: releasing a stream's slot failed: %s", describe(e))
+        work = [(g, slots) for g in list(self.groups.values()) if g.failure is None and len(slots := g.needy())]
+        if not work:
             return 0
         started = time.perf_counter()
-        self._compose(needy)
-        for group, streams in needy.items():
-            group.run(streams)
+        self._compose(work)
+        predicted, made = 0.0, 0
+        for group, slots in work:
+            if group.failure is not None:  # its composer failed it during this tick
+                continue
+            try:
+                bad = group.run(slots)
+            except Exception as e:
+                self._quarantine(group, e)
+                continue
+            for row in bad:
+                self._fail(group.streams[slots[row]], "the model produced non-finite audio (NaN or infinity); "
+                                                      "the stream was stopped, create a new one")
+            predicted += group.predicted_seconds(len(slots))
+            made += len(slots)
             self.stats.batches += 1
         elapsed = time.perf_counter() - started
-        made = sum(len(v) for v in needy.values())
+        if predicted > 0 and made >= 8:
+            self.overhead = min(4.0, max(1.0, 0.95 * self.overhead + 0.05 * elapsed / predicted))
         st = self.stats
-        st.ticks, st.frames, st.last_batch = st.ticks + 1, st.frames + made, made
+        st.ticks, st.frames, st.last_batch, st.last_tick_seconds = st.ticks + 1, st.frames + made, made, elapsed
         st.busy_seconds += elapsed
         st.max_tick_seconds = max(st.max_tick_seconds, elapsed)
         return made
 
-    def _compose(self, needy: dict[Group, list[Stream]]) -> None:
+    def _fail(self, stream: Stream | None, reason: str) -> None:
+        if stream is None or stream.failure:
+            return
+        stream.fail(reason)
+        self.stats.stream_failures += 1
+        self.stats.nonfinite_frames += reason.startswith("the model produced non-finite")
+        self._faults.error(f"stream:{reason[:40]}", "stream failed id=%s model=%s reason=%s", stream.id,
+                           stream.manifest.name, reason)
+
+    def _quarantine(self, group: Group | ComposerGroup, error: BaseException) -> None:
+        """Stop a model whose call raised: its streams fail with the reason; the other groups go on."""
+        kind = "composer" if isinstance(group, ComposerGroup) else "model"
+        name, version = group.manifest.name, group.manifest.version
+        reason = f"{kind} '{name}' v{version} failed and was stopped: {describe(error)}"
+        group.failure = reason
+        self.stats.failures.append({"kind": kind, "model": name, "version": version, "reason": reason,
+                                    "at": round(time.time(), 3)})
+        log.error("quarantined %s name=%s version=%s reason=%s", kind, name, version, describe(error))
+        for stream in list(self.streams.values()):
+            if stream.group is group or (stream.voice is not None and stream.voice.group is group):
+                self._fail(stream, reason)
+
+    def _compose(self, work: list[tuple[Group, np.ndarray]]) -> None:
         """Composed streams: one batched composer step for the voices whose next note starts now, then
         every voice sets its stream's f0 and loudness for the frame."""
         due: dict[ComposerGroup, list[Voice]] = {}
-        voiced = [s for streams in needy.values() for s in streams if s.voice is not None]
+        voiced = [s for g, slots in work for i in slots if (s := g.streams[i]) is not None and s.voice is not None]
         for s in voiced:
             if s.voice.begin_frame(s.frames):
                 due.setdefault(s.voice.group, []).append(s.voice)
         for composer, voices in due.items():
-            composer.step(voices)
+            if composer.failure is not None:
+                continue
+            try:
+                composer.step(voices)
+            except Exception as e:
+                self._quarantine(composer, e)
+                continue
             self.stats.composer_steps += 1
             self.stats.notes += len(voices)
         for s in voiced:
-            s.perform()
+            if s.failure is None:
+                s.perform()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
             try:
                 made = self.tick()
-            except Exception:  # a failing model must not kill the thread that serves every stream
-                log.exception("engine tick failed")
+            except Exception as e:  # a fault outside every group's guard: keep serving, say it (throttled)
+                self._faults.error("tick", "engine tick failed: %s", describe(e))
                 made = 0
             if not made:
                 self._wake.wait(0.005)
@@ -283,7 +516,7 @@ def compose(
     composer: ComposerModel | None = None,
 ) -> tuple[np.ndarray, list[Note]]:
     """`render`, also returning the notes a composed stream played (empty without a composer)."""
-    engine = Engine(buffer_frames=1)
+    engine = Engine(buffer_frames=1, max_streams=1, budget=None)
     group = engine.add_model(model)
     composers = engine.add_composer(composer) if composer is not None else None
     stream = engine.create_stream(group, seed, controls, composers, keep_notes=None)
@@ -293,6 +526,7 @@ def compose(
     out = np.empty(frames * hop, np.float32)
     pending = iter(sorted(timeline, key=lambda c: c[0]))
     nxt = next(pending, None)
+    everything = slice(None)
     for i in range(frames):
         while nxt is not None and nxt[0] <= i * model.manifest.frame_seconds + 1e-9:
             change = dict(nxt[1])
@@ -301,10 +535,10 @@ def compose(
                     stream.voice.act(change.pop("action"))
                 stream.voice.set(change)
             else:
-                stream.smoother.set(change)
+                stream.set_controls(change)
             nxt = next(pending, None)
         if curves is not None:
-            stream.smoother.jump(curves[i])
+            group.controls.jump(stream.slot, everything, curves[i])
         engine.tick()
         reader.read(out[i * hop : (i + 1) * hop])
     return out, stream.voice.notes if stream.voice is not None else []

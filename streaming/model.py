@@ -11,6 +11,8 @@ import ctypes
 import hashlib
 import json
 import math
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,38 +193,34 @@ def checked_graph(directory: Path, manifest: Manifest) -> Path:
     return graph
 
 
+class PoolFull(Exception):
+    """Every slot of a state pool is taken."""
+
+
 class StatePool:
-    """The state tensors of many streams of one model, one slot each (grows by doubling), with
-    preallocated buffers to gather a batch of slots and scatter the results back."""
+    """The state tensors of up to `capacity` streams of one model, one slot each, sized up front so the
+    inference thread never allocates or copies a pool; with preallocated buffers to gather a batch of
+    slots for a call and to receive the call's new states. Slots are taken and given back under a lock
+    (streams are created on the event loop, released on the inference thread)."""
 
-    def __init__(self, manifest: Manifest, capacity: int = 8) -> None:
+    def __init__(self, manifest: Manifest, capacity: int) -> None:
         self.states = manifest.states
-        self.capacity = 0
-        self.free: list[int] = []
-        self.pool: dict[str, np.ndarray] = {}
-        self._grow(capacity)
-
-    def _grow(self, capacity: int) -> None:
-        old = self.capacity
-        grown = {}
-        for spec in self.states:
-            arr = np.zeros(spec.concrete(capacity), np.float32)
-            if old:
-                arr[self._index(spec.batch_axis, slice(0, old))] = self.pool[spec.name]
-            grown[spec.name] = arr
-        self.pool = grown
-        self.gathered = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
-        self.free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
+        self.pool = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
+        self.gathered = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
+        self.returned = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
+        self.free = list(range(capacity - 1, -1, -1))
+        self._lock = threading.Lock()
 
     @staticmethod
     def _index(axis: int, index: slice | np.ndarray | int) -> tuple:
         return (slice(None),) * axis + (index,)
 
     def allocate(self) -> int:
-        if not self.free:
-            self._grow(self.capacity * 2)
-        slot = self.free.pop()
+        with self._lock:
+            if not self.free:
+                raise PoolFull(f"all {self.capacity} state slots are in use")
+            slot = self.free.pop()
         self.reset(slot)
         return slot
 
@@ -231,15 +229,19 @@ class StatePool:
             self.pool[spec.name][self._index(spec.batch_axis, slot)] = 0.0
 
     def release(self, slot: int) -> None:
-        self.free.append(slot)
+        with self._lock:
+            self.free.append(slot)
+
+    def batch(self, buffers: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """The first `n` streams of preallocated `buffers` (contiguous views: the batch axis is leading or
+        follows axes of size 1)."""
+        return {s.name: buffers[s.name][self._index(s.batch_axis, slice(0, n))] for s in self.states}
 
     def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """The states of `slots`, batched (views of preallocated buffers, valid until the next gather)."""
-        states = {}
+        states = self.batch(self.gathered, len(slots))
         for spec in self.states:
-            view = self.gathered[spec.name][self._index(spec.batch_axis, slice(0, len(slots)))]
-            np.take(self.pool[spec.name], slots, axis=spec.batch_axis, out=view)
-            states[spec.name] = view
+            np.take(self.pool[spec.name], slots, axis=spec.batch_axis, out=states[spec.name])
         return states
 
     def scatter(self, slots: np.ndarray, states: dict[str, np.ndarray]) -> None:
@@ -268,6 +270,7 @@ class FrameModel:
         self.state_names = [s.name for s in self.manifest.states]
         self.input_names = ["control", "noise"] + [f"state_in.{n}" for n in self.state_names]
         self.output_names = ["audio"] + [f"state_out.{n}" for n in self.state_names]
+        self._binding = self.session.io_binding()
 
     def _check_signature(self, graph: Path) -> None:
         m = self.manifest
@@ -304,3 +307,36 @@ class FrameModel:
             feeds[f"state_in.{name}"] = states[name]
         audio, *outs = self.session.run(self.output_names, feeds)
         return audio, dict(zip(self.state_names, outs, strict=True))
+
+    def run_into(
+        self, control: np.ndarray, noise: np.ndarray, states: dict[str, np.ndarray],
+        audio: np.ndarray, states_out: dict[str, np.ndarray],
+    ) -> None:
+        """`run`, with ONNX Runtime writing the audio and new states straight into the caller's
+        (contiguous, preallocated) arrays through an IOBinding: no output is allocated per call."""
+        b = self._binding
+        b.bind_cpu_input("control", control)
+        b.bind_cpu_input("noise", noise)
+        for name in self.state_names:
+            b.bind_cpu_input(f"state_in.{name}", states[name])
+        for name, arr in (("audio", audio), *((f"state_out.{n}", states_out[n]) for n in self.state_names)):
+            b.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        self.session.run_with_iobinding(b)
+
+    def calibrate(self, batch: int = 256, reps: int = 5) -> tuple[float, float]:
+        """Seconds for one frame of a batched call: (fixed cost, cost per stream), from the medians of
+        `reps` calls at batch 1 and at `batch`. The engine's admission control starts from these."""
+        m = self.manifest
+        times = []
+        for n in (1, batch):
+            control = np.tile(np.array([c.default for c in m.controls], np.float32), (n, 1, 1))
+            noise = np.random.default_rng(0).random((n, 1, m.noise), dtype=np.float32)
+            states = self.zero_states(n)
+            took = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                self.run(control, noise, states)
+                took.append(time.perf_counter() - t0)
+            times.append(float(np.median(took[1:])))
+        per = max((times[1] - times[0]) / (batch - 1), 1e-9)
+        return max(times[0] - per, 0.0), per

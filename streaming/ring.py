@@ -1,80 +1,119 @@
-"""A single-writer, many-reader ring of mono float32 samples: one generated stream, many listeners."""
+"""Rings of generated audio, one per stream slot of a model group: one writer, many readers, no locks.
+
+All the rings of a group live in one array ``[slots, frames * hop]``, so the inference thread writes a
+whole batch of frames with one array operation. Each slot counts the frames written to it; a reader
+copies samples it knows are written and then moves its own cursor. There is one writer (the inference
+thread) and the writer only ever overwrites the frame a whole ring behind, so a reader that keeps within
+the ring never sees a torn frame, and one that falls further behind skips ahead (counted).
+
+Each slot has a target fill (`ahead`, in frames): the engine generates for a slot while its hungriest
+reader has less than that buffered. It starts small for low latency and grows by a frame each time a
+listener that already had audio underruns, up to `max_ahead`.
+
+A reader whose slot was released and reused (its stream deleted) reads silence: every slot carries a
+generation that `reset` bumps.
+"""
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
 
-class RingBuffer:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data = np.zeros(capacity, np.float32)
-        self._written = 0  # samples written since the start
-        self._lock = threading.Lock()
-        self._readers: list[Reader] = []
+class Rings:
+    def __init__(self, slots: int, frames: int, hop: int, ahead: int, max_ahead: int) -> None:
+        self.hop = hop
+        self.initial_ahead, self.max_ahead = ahead, max(ahead, max_ahead)
+        self.frames = frames  # ring length in frames
+        self.capacity = frames * hop  # ring length in samples
+        self.data = np.zeros((slots, self.capacity), np.float32)
+        self._framed = self.data.reshape(slots, frames, hop)
+        self.written = np.zeros(slots, np.int64)  # frames written to each slot since its stream began
+        self.floor = np.zeros(slots, np.int64)  # sample position of each slot's hungriest reader
+        self.listeners = np.zeros(slots, np.int32)
+        self.generation = np.zeros(slots, np.int64)
+        self.ahead = np.full(slots, ahead, np.int64)  # target fill, frames
+        self.readers: list[list[Reader]] = [[] for _ in range(slots)]
 
-    @property
-    def written(self) -> int:
-        return self._written
+    def reset(self, slot: int) -> None:
+        """A fresh, empty ring for a new stream in `slot`; readers of the old stream go silent."""
+        self.generation[slot] += 1
+        self.readers[slot] = []
+        self.listeners[slot] = 0
+        self.written[slot] = 0
+        self.floor[slot] = 0
+        self.ahead[slot] = self.initial_ahead
 
-    def write(self, samples: np.ndarray) -> None:
-        n = len(samples)
-        with self._lock:
-            start = self._written % self.capacity
-            first = min(n, self.capacity - start)
-            self._data[start : start + first] = samples[:first]
-            self._data[: n - first] = samples[first:]
-            self._written += n
+    def write(self, slots: np.ndarray, audio: np.ndarray) -> None:
+        """Append one frame `audio[i]` to the ring of each `slots[i]` (slots distinct)."""
+        self._framed[slots, self.written[slots] % self.frames] = audio
+        self.written[slots] += 1
 
-    def reader(self) -> Reader:
-        """A new listener; it hears what is written from now on."""
-        with self._lock:
-            r = Reader(self, self._written)
-            self._readers.append(r)
-            return r
+    def buffered(self, slot: int) -> int | None:
+        """Samples written ahead of the slot's hungriest reader, or None when nobody listens."""
+        return int(self.written[slot] * self.hop - self.floor[slot]) if self.listeners[slot] else None
+
+    def reader(self, slot: int) -> Reader:
+        """A new listener of `slot`; it hears what is written from now on."""
+        r = Reader(self, slot, int(self.written[slot]) * self.hop)
+        self.readers[slot] = [*self.readers[slot], r]  # copy on write: readers iterate without a lock
+        self._update(slot)
+        return r
 
     def close(self, reader: Reader) -> None:
-        with self._lock:
-            if reader in self._readers:
-                self._readers.remove(reader)
+        slot = reader.slot
+        if reader.generation == self.generation[slot]:
+            self.readers[slot] = [r for r in self.readers[slot] if r is not reader]
+            self._update(slot)
+        reader.generation = -1
 
-    def readers(self) -> list[Reader]:
-        with self._lock:
-            return list(self._readers)
-
-    def min_buffered(self) -> int | None:
-        """Samples buffered ahead of the hungriest reader, or None when nobody listens."""
-        with self._lock:
-            return min((self._written - r.position for r in self._readers), default=None)
+    def _update(self, slot: int) -> None:
+        readers = self.readers[slot]
+        if readers:
+            self.floor[slot] = min(r.position for r in readers)
+        self.listeners[slot] = len(readers)
 
 
 class Reader:
     """One listener's cursor. A short read plays silence for the missing part and counts an underrun."""
 
-    def __init__(self, ring: RingBuffer, position: int) -> None:
-        self.ring = ring
+    def __init__(self, rings: Rings, slot: int, position: int) -> None:
+        self.rings = rings
+        self.slot = slot
+        self.generation = int(rings.generation[slot])
         self.position = position
         self.underruns = 0
-        self.overruns = 0  # times this reader fell a whole buffer behind and skipped ahead
+        self.overruns = 0  # times this reader fell a whole ring behind and skipped ahead
+        self.heard = False  # has had real audio (underruns before that are the stream starting up)
+
+    @property
+    def closed(self) -> bool:
+        return self.generation != self.rings.generation[self.slot]
 
     def read(self, out: np.ndarray) -> int:
         """Fill `out` with the next samples; returns how many were real audio (the rest is silence)."""
-        ring = self.ring
-        with ring._lock:
-            behind = ring._written - self.position
-            if behind > ring.capacity:
-                self.position = ring._written - ring.capacity
-                self.overruns += 1
-                behind = ring.capacity
-            n = min(len(out), behind)
-            start = self.position % ring.capacity
-            first = min(n, ring.capacity - start)
-            out[:first] = ring._data[start : start + first]
-            out[first:n] = ring._data[: n - first]
-            self.position += n
+        rings, slot = self.rings, self.slot
+        if self.closed:
+            out[:] = 0.0
+            return 0
+        written = int(rings.written[slot]) * rings.hop
+        behind = written - self.position
+        if behind > rings.capacity - rings.hop:  # the writer may be overwriting the oldest frame: skip ahead
+            self.position = written - rings.capacity + rings.hop
+            self.overruns += 1
+            behind = written - self.position
+        n = min(len(out), behind)
+        start = self.position % rings.capacity
+        first = min(n, rings.capacity - start)
+        row = rings.data[slot]
+        out[:first] = row[start : start + first]
+        out[first:n] = row[: n - first]
+        self.position += n
+        rings._update(slot)
         if n < len(out):
             out[n:] = 0.0
             self.underruns += 1
+            if self.heard and rings.ahead[slot] < rings.max_ahead:
+                rings.ahead[slot] += 1
+        if n:
+            self.heard = True
         return n

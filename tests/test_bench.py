@@ -34,7 +34,14 @@ def test_engine_bench_quick(tmp_path: Path) -> None:
     assert "Engine tick" in proc.stdout and "x real time" in proc.stdout
     r = json.loads(out.read_text())
 
-    assert r["model"]["hop"] > 0 and r["model"]["sample_rate"] > 0
+    assert r["model_detail"]["hop"] > 0 and r["model_detail"]["sample_rate"] > 0
+    for key in ("streams_per_core_256", "overhead_fraction_256", "batched_vs_looped_64", "batched_vs_looped_256",
+                "control_to_sent_ms_p95", "model", "machine", "date"):
+        assert key in r, key  # the headline keys exist (None where --quick does not measure 256 streams)
+    assert r["model"].startswith("default v") and r["date"] == r["created"][:10]
+    lat = r["control_latency"]
+    assert lat["missed"] == 0 and 0 < lat["p50_ms"] <= lat["p95_ms"] < 1000 and positive(r["control_to_sent_ms_p95"])
+    assert [row["tau_ms"] for row in r["smoothing"]] == [0.0, 30.0]
     assert [row["streams"] for row in r["ticks"]] == [1, 16]
     for row in r["ticks"]:
         for key in ("median_us", "p99_us", "us_per_stream_frame", "realtime_factor", "ort_call_us"):

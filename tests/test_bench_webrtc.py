@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from streaming.engine import BUFFER_FRAMES
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shipped" / "default"
 
@@ -36,7 +38,7 @@ def test_webrtc_bench_quick(tmp_path: Path) -> None:
     assert "first audio after offer" in proc.stdout and "control -> heard, data channel" in proc.stdout
     r = json.loads(out.read_text())
 
-    assert r["settings"]["reps"] == 3 and r["settings"]["buffer_frames"] == 6
+    assert r["settings"]["reps"] == 3 and r["settings"]["buffer_frames"] == BUFFER_FRAMES
     assert positive(r["smoothing_s"]) and all(positive(v) for v in r["smoothing_ms"].values())
     for ref in r["render_reference"].values():  # the same pitch analysis on a clockless render
         assert ref["heard_ms"] is None or positive(ref["heard_ms"])
@@ -62,3 +64,12 @@ def test_webrtc_bench_quick(tmp_path: Path) -> None:
     for rep in r["reps"]:
         assert rep["datachannel"]["target"] != rep["http"]["target"]  # steered away and back
     assert {rep["datachannel"]["target"] for rep in r["reps"]} == {440.0, 660.0}  # directions alternate
+
+    # control -> heard over both routes, and the client's jitter buffer's share, measured
+    assert positive(r["control_to_heard_ms_p50"]) and r["control_to_heard_ms_p95"] >= r["control_to_heard_ms_p50"]
+    assert positive(r["jitter_buffer_ms"])
+    # one stream with 1 and 20 listeners: the daemon's CPU and one encoder for all of them
+    lc = r["listener_cpu"]
+    assert positive(r["listener_cpu_ratio_20"]) and r["listener_cpu_ratio_20"] == lc["ratio"]
+    assert lc["one"]["encoders"] == lc["many"]["encoders"] == 1 and lc["many"]["peers"] == 20
+    assert all(positive(lc[k]["cpu_per_s"]) and positive(lc[k]["packets_per_s"]) for k in ("one", "many"))

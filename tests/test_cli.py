@@ -84,7 +84,9 @@ def test_models_lists_the_shipped_default() -> None:
 
 def test_serve_refuses_a_buffer_smaller_than_a_webrtc_packet() -> None:
     result = wavecast("serve", "--port", "0", "--buffer-frames", "1")
-    assert result.returncode == 2 and "at least 2" in result.stderr
+    assert result.returncode == 2 and "--buffer-frames must be 2-12" in result.stderr
+    result = wavecast("serve", "--port", "0", "--tick-budget", "1.5")
+    assert result.returncode == 2 and "--tick-budget is a share of a frame" in result.stderr
 
 
 def test_serve_refuses_to_start_on_an_unknown_model() -> None:

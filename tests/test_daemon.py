@@ -56,6 +56,10 @@ async def listen_and_steer(server: Server) -> None:
         audio = await listener.collect(2.5)
         assert rms_db(audio[SR:]) > -40
         assert_pitch(audio[-SR:], 440)
+        told = listener.telemetry[-1]  # about once a second, unasked
+        assert told["id"] == sid and told["state"] == "playing" and told["peers"] == 1
+        assert {"buffer", "smoothing", "packet", "encoder"} <= told["latency_ms"].keys()
+        assert told["latency_ms"]["packet"] == 20.0 and told["buffered_ms"] is not None
         first_audio_ms = 1000 * (listener.first_audio_at - listener.offered_at)
         assert first_audio_ms < 5000  # generous on a loaded CI machine; bench/ measures the real figure
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from streaming.analysis import estimate_f0, rms_db
-from streaming.controls import ControlError, Smoother, validate
-from streaming.engine import Engine, render
+from streaming.controls import ControlError, Controls, validate
+from streaming.engine import Engine, EngineSaturated, render
 from streaming.model import FrameModel
-from streaming.ring import RingBuffer
+from streaming.noise import NoiseTable, stream_key
+from streaming.ring import Rings
 
 SR = 48_000
 
@@ -109,15 +110,20 @@ def test_stream_nobody_listens_to_costs_nothing(default_model: FrameModel) -> No
 
 
 def test_deleted_stream_frees_its_slot(default_model: FrameModel) -> None:
-    engine = Engine()
+    engine = Engine(max_streams=2, budget=None)
     group = engine.add_model(default_model)
     a = engine.create_stream(group, 1, {})
+    reader = a.listen()
     engine.tick()
-    slot = a.slot
     engine.delete_stream(a.id)
-    b = engine.create_stream(group, 2, {})
+    engine.create_stream(group, 2, {})  # the slot is released only after the next tick: takes the other
+    with pytest.raises(EngineSaturated, match="slots in use"):
+        engine.create_stream(group, 3, {})
     engine.tick()
-    assert b.slot == slot and a.id not in engine.streams
+    c = engine.create_stream(group, 3, {})
+    assert c.slot == a.slot and a.id not in engine.streams
+    out = np.ones(960, np.float32)
+    assert reader.read(out) == 0 and not out.any() and reader.underruns == 0  # the old listener hears nothing
 
 
 def test_controls_are_validated(default_model: FrameModel) -> None:
@@ -130,52 +136,119 @@ def test_controls_are_validated(default_model: FrameModel) -> None:
             validate(m, bad)
 
 
-def test_smoother_glides_without_steps(default_model: FrameModel) -> None:
+def test_smoothing_glides_without_steps(default_model: FrameModel) -> None:
     m = default_model.manifest
-    smoother = Smoother(m, {"f0": 220.0})
-    out = np.zeros(len(m.controls), np.float32)
-    smoother.set({"f0": 880.0})
+    controls = Controls(m, 4)
+    controls.reset(2, {"f0": 220.0})
+    controls.set(2, {"f0": 880.0})
+    out = np.zeros((1, len(m.controls)), np.float32)
     seen = []
     for _ in range(40):
-        smoother.step(out)
-        seen.append(out[0])
+        controls.step(np.array([2]), out)
+        seen.append(out[0, 0])
     steps = np.diff([220.0, *seen])
     assert np.all(steps > 0) and steps.max() < 0.5 * (880 - 220)  # monotone glide, no jump
     assert abs(seen[-1] - 880.0) < 5.0  # arrives within a few time constants
 
 
 def test_ring_fans_out_and_skips_ahead() -> None:
-    ring = RingBuffer(1000)
-    fast, slow = ring.reader(), ring.reader()
-    out = np.zeros(400, np.float32)
-    ring.write(np.full(400, 0, np.float32))
-    assert fast.read(out) == 400
-    ring.write(np.full(400, 1, np.float32))
-    ring.write(np.full(400, 2, np.float32))
-    assert ring.min_buffered() == 800  # the fast reader has 800 left
-    assert slow.read(out) == 400 and slow.overruns == 1  # fell 1200 behind a 1000 ring: skipped ahead
-    assert out[0] == 0.0 and out[-1] == 1.0  # ... to the oldest sample still held (200 into block 0)
+    rings = Rings(slots=2, frames=4, hop=100, ahead=1, max_ahead=1)
+    fast, slow = rings.reader(1), rings.reader(1)
+    other = rings.reader(0)
+    out = np.zeros(100, np.float32)
+    for value in range(5):
+        if value == 1:
+            assert fast.read(out) == 100 and out[0] == 0.0
+        rings.write(np.array([1]), np.full((1, 100), value, np.float32))
+    assert rings.buffered(1) == 500  # the slow reader has all five frames pending
+    assert slow.read(out) == 100 and slow.overruns == 1  # five frames behind a four-frame ring: skipped ahead
+    assert out[0] == 2.0  # ... to the oldest frame the writer cannot be overwriting (frame 2)
+    assert other.read(out) == 0 and other.underruns == 1  # slot 0 was never written
 
 
 def test_ring_is_safe_across_threads() -> None:
-    ring = RingBuffer(4096)
-    reader = ring.reader()
+    rings = Rings(slots=1, frames=8, hop=480, ahead=4, max_ahead=4)
+    reader = rings.reader(0)
     got: list[np.ndarray] = []
 
     def consume() -> None:
         buf = np.zeros(256, np.float32)
-        while sum(len(g) for g in got) < 20 * 480:
+        while sum(len(g) for g in got) < 200 * 480:
             n = reader.read(buf)
             got.append(buf[:n].copy())
 
     t = threading.Thread(target=consume)
     t.start()
-    for i in range(20):
-        while ring.min_buffered() > 2048:
-            time.sleep(0.001)
-        ring.write(np.arange(i * 480, (i + 1) * 480, dtype=np.float32))
+    slot = np.array([0])
+    for i in range(200):
+        while rings.buffered(0) > 4 * 480:
+            time.sleep(0.0001)
+        rings.write(slot, np.arange(i * 480, (i + 1) * 480, dtype=np.float32)[None])
     t.join(10)
-    assert np.array_equal(np.concatenate(got), np.arange(20 * 480, dtype=np.float32))
+    assert np.array_equal(np.concatenate(got), np.arange(200 * 480, dtype=np.float32))
+    assert reader.overruns == 0
+
+
+def test_underrun_after_audio_grows_the_fill(default_model: FrameModel) -> None:
+    engine = Engine(buffer_frames=2, max_buffer_frames=4, budget=None)
+    stream = engine.create_stream(engine.add_model(default_model), 1, {})
+    reader = stream.listen()
+    out = np.zeros(960, np.float32)
+    reader.read(out)  # starting up: nothing yet, no growth
+    assert stream.latency()["buffer"] == 20.0
+    while engine.tick():
+        pass
+    assert reader.read(out) == 960
+    for expected in (30.0, 40.0, 40.0):
+        reader.read(out)  # nothing buffered: an underrun of a listener that had audio
+        assert stream.latency()["buffer"] == expected
+
+
+def test_batched_tick_equals_a_plain_per_stream_loop(default_model: FrameModel) -> None:
+    """Batch smoothing, batch noise and batch ring writes give each stream exactly what a plain loop over
+    that one stream gives: one-pole smoothing in Python, its own noise, a B=1 call, appended audio."""
+    m = default_model.manifest
+    seeds, f0s, frames = [5, 9, 11], [220.0, 330.0, 495.0], 30
+    engine = Engine(buffer_frames=1, budget=None)
+    group = engine.add_model(default_model)
+    streams = [engine.create_stream(group, s, {"f0": f, "loudness": -24.0}) for s, f in zip(seeds, f0s, strict=True)]
+    readers = [s.listen() for s in streams]
+    batched = np.zeros((3, frames * m.hop), np.float32)
+    for i in range(frames):
+        if i == 10:
+            streams[1].set_controls({"f0": 660.0, "loudness": -12.0})
+        assert engine.tick() == 3
+        for j, r in enumerate(readers):
+            r.read(batched[j, i * m.hop : (i + 1) * m.hop])
+    table = NoiseTable(m.noise)
+    alpha = [1 - math.exp(-m.frame_seconds / c.smoothing) for c in m.controls]
+    for j, (seed, f0) in enumerate(zip(seeds, f0s, strict=True)):
+        states, current, target = default_model.zero_states(1), [f0, -24.0], [f0, -24.0]
+        noise = np.zeros((1, 1, m.noise), np.float32)
+        for i in range(frames):
+            if i == 10 and j == 1:
+                target = [660.0, -12.0]
+            current = [np.float32(c + np.float32(a) * (np.float32(t) - c))
+                       for c, t, a in zip(current, target, alpha, strict=True)]
+            table.fill(np.array([stream_key(seed)]), np.array([i]), noise[:, 0])
+            audio, states = default_model.run(np.array([[current]], np.float32), noise, states)
+            assert np.abs(audio[0] - batched[j, i * m.hop : (i + 1) * m.hop]).max() < 1e-4, (j, i)
+
+
+def test_noise_is_a_function_of_seed_and_frame() -> None:
+    table = NoiseTable(968)
+    keys = np.array([stream_key(s) for s in (1, 2, 1)])
+    out = np.zeros((3, 968), np.float32)
+    table.fill(keys, np.array([7, 7, 7]), out)
+    assert np.array_equal(out[0], out[2]) and not np.array_equal(out[0], out[1])
+    alone = np.zeros((1, 968), np.float32)
+    table.fill(keys[1:2], np.array([7]), alone)
+    assert np.array_equal(alone[0], out[1])  # the same whatever else is in the batch
+    many = np.zeros((4096, 968), np.float32)
+    table.fill(np.full(4096, stream_key(3)), np.arange(4096), many)
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.var() - 1 / 12) < 0.005  # uniform [0, 1)
+    lag = np.corrcoef(many[:-1, 0], many[1:, 0])[0, 1]
+    assert abs(lag) < 0.05  # frame to frame: no correlation
 
 
 def test_control_curves_bypass_the_smoother(default_model: FrameModel) -> None:
@@ -185,3 +258,22 @@ def test_control_curves_bypass_the_smoother(default_model: FrameModel) -> None:
     audio = render(default_model, 1.0, 3, {}, curves=curves)
     assert abs(pitch(audio[30 * 480 : 50 * 480]) / 440 - 1) < 0.01
     assert abs(pitch(audio[52 * 480 :]) / 660 - 1) < 0.01  # two frames after the jump: no glide
+
+
+def test_padded_batches_give_the_same_audio(default_model: FrameModel) -> None:
+    """A CUDA group pads each call to a bucket size; the padding rows must not touch the real ones."""
+    heard = []
+    for padded in (False, True):
+        engine = Engine(buffer_frames=1, max_streams=64, budget=None)
+        group = engine.add_model(default_model)
+        group.buckets = padded  # what a CUDA session turns on; the arithmetic is the provider's
+        streams = [engine.create_stream(group, s, {"f0": 200.0 + 50 * s, "loudness": -20.0}) for s in range(3)]
+        readers = [s.listen() for s in streams]
+        out = np.zeros((3, 20 * 480), np.float32)
+        for i in range(20):
+            engine.tick()
+            for j, r in enumerate(readers):
+                r.read(out[j, i * 480 : (i + 1) * 480])
+        heard.append(out)
+    assert group.bucket(3) == 64 and np.abs(heard[0]).max() > 0.01
+    assert np.abs(heard[0] - heard[1]).max() < 1e-4
