@@ -201,7 +201,7 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     d: Daemon = request.app["daemon"]
     return web.json_response({**d.engine.health(), "uptime_seconds": round(time.time() - d.started, 1),
-                              "streams": len(d.engine.streams), "admission": d.engine.capacity()})
+                              "streams": len(d.engine.streams), "admission": d.engine.admission()})
 
 
 @routes.get("/v1/models")

@@ -312,7 +312,7 @@ class Engine:
                     if g.failure is None)
         return total * self.overhead
 
-    def capacity(self) -> dict[str, Any]:
+    def admission(self) -> dict[str, Any]:
         """Admission figures for health and metrics."""
         frame = min((g.manifest.frame_seconds for g in self.groups.values()), default=0.01)
         return {"budget_ms": None if self.budget is None else round(1000 * self.budget * frame, 2),

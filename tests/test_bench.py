@@ -40,7 +40,8 @@ def test_engine_bench_quick(tmp_path: Path) -> None:
         assert key in r, key  # the headline keys exist (None where --quick does not measure 256 streams)
     assert r["model"].startswith("default v") and r["date"] == r["created"][:10]
     lat = r["control_latency"]
-    assert lat["missed"] == 0 and 0 < lat["p50_ms"] <= lat["p95_ms"] < 1000 and positive(r["control_to_sent_ms_p95"])
+    # a control change shows in the packets sent within the budget (40 ms in the bench; loose here for CI load)
+    assert lat["missed"] == 0 and 0 < lat["p50_ms"] <= lat["p95_ms"] < 200 and positive(r["control_to_sent_ms_p95"])
     assert [row["tau_ms"] for row in r["smoothing"]] == [0.0, 30.0]
     assert [row["streams"] for row in r["ticks"]] == [1, 16]
     for row in r["ticks"]:
