@@ -43,7 +43,7 @@ def export_onnx(model: Instrument, directory: Path) -> dict:
         output_names=["audio"] + [f"state_out.{n}" for n in STATE_NAMES],
         dynamic_axes=dynamic,
     )
-    return {"file": GRAPH, "sha256": file_sha256(path), "opset": OPSET}
+    return {"file": GRAPH, "sha256": file_sha256(path), "opset": OPSET, "synthesis": model.synthesis}
 
 
 def control_path(steps: int, batch: int, seed: int) -> np.ndarray:
