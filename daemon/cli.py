@@ -340,12 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read the trained weights back out of each instrument's model.onnx, check them "
                                    "against it, export the graph with the current synthesis, verify torch against "
                                    "ONNX Runtime over 240 stateful frames and the new graph against the old on the "
-                                   "same inputs (max |new - old|, SNR >= 60 dB), and write model.onnx and model.json "
-                                   "(name, version, controls, states and training kept; the re-export recorded "
-                                   "under training.reexport).")
+                                   "same inputs (max |new - old|, SNR >= 60 dB), measure held-out quality again on "
+                                   "the model's own training data recipe and pass the store's gate, and write "
+                                   "model.onnx and model.json (name, version, controls, states and training kept, "
+                                   "control smoothing as this code trains it; the re-export recorded under "
+                                   "training.reexport).")
     x.add_argument("model_dirs", nargs="+", type=Path, metavar="DIR", help="instrument model directory")
     x.add_argument("--out", type=Path, help="write here instead of in place (with several DIRs: OUT/<dir name>)")
     x.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    x.add_argument("--work", type=Path, help="data cache for the quality check (default ~/.cache/wavecast)")
+    x.add_argument("--no-quality", action="store_true",
+                   help="skip the held-out quality check (keeps the manifest's earlier figures)")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list the models the daemon can play")

@@ -281,3 +281,10 @@ def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: 
         "clicks": clicks, "metrics": metrics, "performances": rows,
     }
     return result, plot
+
+
+def verification_quality(assessed: dict) -> dict:
+    """The manifest's `verification.quality` block from an `assess` result (what the store's gate reads)."""
+    return {**assessed["metrics"], "spectral_distance": assessed["spectral_distance"]["model"],
+            "baseline_distance": assessed["spectral_distance"]["baseline"],
+            "heldout_seconds": assessed["seconds_evaluated"]}

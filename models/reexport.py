@@ -5,8 +5,10 @@ torch names, the LSTM's W/R/B are reordered from ONNX gate order i,o,f,c to torc
 ``Instrument`` and first checked against the file they came from with the formulation it was exported
 with (``oscillator="blocks"``): that proves the weights were mapped right. Then the graph is exported with
 the current forward, verified torch against ONNX Runtime over 240 stateful steps (as training verifies)
-and against the old graph on the same inputs, and written with a manifest that keeps the model's name,
-version, controls, states and training provenance and records the re-export under ``training.reexport``.
+and against the old graph on the same inputs, its held-out quality measured again through the engine on
+the data recipe it was trained with (unless --no-quality) and passed through the store's gate, and written
+with a manifest that keeps the model's name, version, controls, states and training provenance, takes this
+code's control smoothing, and records the re-export under ``training.reexport``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from models import data, quality
 from models.export import control_path, export_onnx, state_shapes, verify_parity, verify_pitch
 from models.instrument import Instrument, InstrumentConfig
+from models.store import gate
+from models.train import CONTROL_SMOOTHING_SECONDS
 from streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, file_sha256
 
 ORIGIN_LIMIT = 1e-5  # max |torch - ORT| of the weights read back, run as the graph they came from (~1e-6)
@@ -115,7 +120,24 @@ def equivalence(new: FrameModel, old: FrameModel, steps: int = EQUIVALENCE_STEPS
     return {"steps": steps, "batch": batch, "max_abs_diff": gap, "snr_db": float(snr), "signal_rms": rms}
 
 
-def reexport(source: Path, out: Path, command: str, revision: str) -> dict:
+def heldout_quality(model: FrameModel, manifest: Manifest, work: Path) -> dict:
+    """`verification.quality` measured again on the held-out part of the model's own training data."""
+    recorded = dict(manifest.training.get("data") or {})
+    key = recorded.pop("key", None)
+    try:
+        recipe = data.Recipe(**recorded)
+    except TypeError as e:
+        raise SystemExit(f"{manifest.name}: training.data is not a data recipe of this code ({e}); "
+                         "re-export with --no-quality") from None
+    if recipe.key() != key:
+        raise SystemExit(f"{manifest.name}: training.data gives recipe {recipe.key()}, the manifest says {key} "
+                         "(the data code changed); re-export with --no-quality")
+    dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
+    assessed, _ = quality.assess(model, dataset.heldout, log=lambda line: log(f"{manifest.name} quality: {line}"))
+    return quality.verification_quality(assessed)
+
+
+def reexport(source: Path, out: Path, command: str, revision: str, work: Path | None) -> dict:
     """Re-export the instrument in `source` into `out` (may be the same directory); returns the report."""
     started = time.time()
     source, out = Path(source), Path(out)
@@ -136,6 +158,10 @@ def reexport(source: Path, out: Path, command: str, revision: str) -> dict:
         if raw["states"] != [{"name": k, "shape": v} for k, v in shapes.items()] or raw["noise"] != model.noise_width:
             raise SystemExit(f"{source}: states or noise width differ from what the model exports")
         raw["onnx"] = onnx_block
+        smoothing = {c["name"]: c["smoothing"] for c in raw["controls"]}
+        for control in raw["controls"]:
+            if control["name"] in ("f0", "loudness"):
+                control["smoothing"] = CONTROL_SMOOTHING_SECONDS
         Manifest.from_dict(raw, "candidate").write(candidate)
         new = FrameModel(candidate, device="cpu")
         parity = verify_parity(model, new)
@@ -156,6 +182,12 @@ def reexport(source: Path, out: Path, command: str, revision: str) -> dict:
         pitch = verify_pitch(new, tuple(f for f in checks if f0.min <= f <= f0.max) or (f0.default,))
         if pitch["max_f0_relative_error"] > pitch_limit:
             raise SystemExit(f"{manifest.name}: pitch error {pitch['max_f0_relative_error']:.4%} misses its limit")
+        verification = {**manifest.verification, "parity": parity, "pitch": pitch}
+        if work is not None:
+            verification["quality"] = heldout_quality(new, manifest, work)
+            problems = gate(verification, "instrument")
+            if problems:
+                raise SystemExit(f"{manifest.name}: the re-exported graph fails the gate: {'; '.join(problems)}")
         final = {
             **raw,
             "training": {**manifest.training, "reexport": {
@@ -163,9 +195,10 @@ def reexport(source: Path, out: Path, command: str, revision: str) -> dict:
                 "from_synthesis": graph_synthesis(manifest), "code_revision": revision,
                 "torch": torch.__version__, "seconds": round(time.time() - started, 1),
                 "weights_check": origin, "equivalence": same, "max_abs_diff": same["max_abs_diff"],
+                "smoothing_was": smoothing, "quality_remeasured": work is not None,
                 **({"previous": manifest.training["reexport"]} if "reexport" in manifest.training else {}),
             }},
-            "verification": {**manifest.verification, "parity": parity, "pitch": pitch},
+            "verification": verification,
         }
         (candidate / MANIFEST).write_text(json.dumps(final, indent=2) + "\n")
         FrameModel(candidate, device="cpu")  # the written pair passes the contract
@@ -179,6 +212,7 @@ def reexport(source: Path, out: Path, command: str, revision: str) -> dict:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    from models.store import default_work
     from models.train import code_revision
 
     torch.set_num_threads(args.threads)
@@ -189,5 +223,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
         out = args.out if args.out is not None else directory
         if args.out is not None and len(args.model_dirs) > 1:
             out = args.out / Path(directory).resolve().name
-        reports.append(reexport(Path(directory), Path(out), command, revision))
+        reports.append(reexport(Path(directory), Path(out), command, revision,
+                                None if args.no_quality else (args.work or default_work())))
     return reports

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from models.reexport import (  # noqa: E402
     torch_gates,
 )
 from models.store import SHIPPED  # noqa: E402
+from models.train import CONTROL_SMOOTHING_SECONDS  # noqa: E402
 from streaming.model import FrameModel, Manifest, file_sha256  # noqa: E402
 
 INSTRUMENTS = ("default", "violin", "cello", "clarinet")
@@ -123,14 +125,17 @@ def test_new_graph_reproduces_the_old_audio(name: str, old_graphs: dict[str, Pat
 def test_reexport_of_an_old_graph(old_default: Path, tmp_path: Path) -> None:
     """The whole path: weights back out of the old graph, checked against it, exported, verified, recorded."""
     out = tmp_path / "new"
-    report = reexport(old_default, out, "wavecast export test", "rev")
+    report = reexport(old_default, out, "wavecast export test", "rev", None)  # quality: see bench/quality.py
     assert report["origin"]["max_abs_audio"] < 1e-5
     assert report["parity"]["max_abs_audio"] < 1e-4
     assert report["equivalence"]["snr_db"] >= MEASURED_SNR_DB["default"] - 3
     manifest = FrameModel(out, device="cpu").manifest
     old = Manifest.read(old_default / "model.json")
-    assert (manifest.name, manifest.version, manifest.controls, manifest.states, manifest.noise) == (
-        old.name, old.version, old.controls, old.states, old.noise)
+    assert (manifest.name, manifest.version, manifest.states, manifest.noise) == (
+        old.name, old.version, old.states, old.noise)
+    assert [replace(c, smoothing=0) for c in manifest.controls] == [replace(c, smoothing=0) for c in old.controls]
+    assert {c.smoothing for c in manifest.controls} == {CONTROL_SMOOTHING_SECONDS}  # as this code trains
+    assert manifest.training["reexport"]["quality_remeasured"] is False
     assert manifest.training["reexport"]["from_sha256"] == old.onnx["sha256"]
     assert manifest.training["reexport"]["from_synthesis"] == {"oscillator": "blocks"}
     assert manifest.training["data"] == old.training["data"]
@@ -154,5 +159,5 @@ def test_reexport_refuses_weights_that_do_not_reproduce_their_graph(
     raw["onnx"]["synthesis"] = {"oscillator": "wavetable", "table_points": 256, "table_order": 2}
     (wrong / "model.json").write_text(json.dumps(raw))
     with pytest.raises(SystemExit, match="do not reproduce its graph"):
-        reexport(wrong, tmp_path / "out", "test", "rev")
+        reexport(wrong, tmp_path / "out", "test", "rev", None)
     assert not (tmp_path / "out").exists()
