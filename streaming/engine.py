@@ -44,6 +44,7 @@ RING_FRAMES = 24  # ring length: twice the largest fill, so a listener never lap
 BUDGET = 0.7  # share of a frame the predicted tick may take before new streams are refused
 RETRY_AFTER_SECONDS = 10
 LOG_EVERY_SECONDS = 10.0
+NO_ROWS = np.zeros(0, np.intp)
 BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # batch sizes a CUDA group pads to: few shapes to plan for
 
 
@@ -105,15 +106,16 @@ class Group:
         self.noise_table = NoiseTable(m.noise)
         self.keys = np.zeros(capacity, np.uint64)
         self.active = np.zeros(capacity, bool)  # slots whose stream is generated (created, not failed)
+        self.composed = np.zeros(capacity, bool)  # slots whose stream a composer plays (Python per frame)
         self.streams: list[Stream | None] = [None] * capacity
         self.control = np.tile(np.array([c.default for c in m.controls], np.float32), (capacity, 1, 1))
         self.noise = np.zeros((capacity, 1, m.noise), np.float32)
         self.audio = np.zeros((capacity, m.hop), np.float32)
-        self.returned = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in m.states}
         self._abs = np.zeros((capacity, m.hop), np.float32)
         self._peak = np.zeros(capacity, np.float32)
         self.admitted = 0  # streams that exist (a deleted one's slot is released a tick later)
         self.failure: str | None = None
+        self.call_seconds = 0.0  # the last model call alone: the rest of a tick is the engine's own work
         self.guarded_frames = 0  # frames whose samples the guard had to clip or silence
 
     @property
@@ -139,22 +141,25 @@ class Group:
         n, b = len(slots), self.bucket(len(slots))  # rows n..b pad a bucket: stale inputs, outputs unused
         self.controls.step(slots, self.control[:n, 0])
         self.noise_table.fill(self.keys[slots], self.rings.written[slots], self.noise[:n, 0])
-        self.pool.gather(slots)
-        self.model.run_into(self.control[:b], self.noise[:b], self.pool.batch(self.pool.gathered, b), self.audio[:b],
-                            self.pool.batch(self.returned, b))
+
+        def call(states: dict[str, np.ndarray], states_out: dict[str, np.ndarray]) -> None:
+            started = time.perf_counter()
+            self.model.run_into(self.control[:b], self.noise[:b], states, self.audio[:b], states_out)
+            self.call_seconds = time.perf_counter() - started
+
+        self.pool.run(slots, b, call, self.active)
         audio = self.audio[:n]
         bad = self.guard(audio)
-        self.pool.scatter(slots, self.pool.batch(self.returned, n))
         self.rings.write(slots, audio)
         return bad
 
     def guard(self, audio: np.ndarray) -> np.ndarray:
         """Silence rows with NaN or inf and clip rows beyond [-1, 1], in place; returns the silenced rows."""
+        if audio.max() <= 1.0 and audio.min() >= -1.0:  # the common case; False when any sample is NaN
+            return NO_ROWS
         n = len(audio)
         peak = self._peak[:n]
         np.max(np.abs(audio, out=self._abs[:n]), axis=1, out=peak)
-        if peak.max() <= 1.0:  # the common case; False when any peak is NaN
-            return np.zeros(0, np.intp)
         finite = np.isfinite(peak)
         bad = np.flatnonzero(~finite)
         audio[bad] = 0.0
@@ -254,6 +259,7 @@ class Stats:
     max_tick_seconds: float = 0.0
     last_batch: int = 0
     last_tick_seconds: float = 0.0
+    last_model_seconds: float = 0.0  # of the last tick, the time inside the model calls
     composer_steps: int = 0  # batched composer calls
     notes: int = 0  # notes (and rests) composed
     refused: int = 0  # streams refused by admission control
@@ -280,7 +286,7 @@ class Engine:
         self.streams: dict[str, Stream] = {}
         self.stats = Stats()
         self._faults = Throttled(log)
-        self._pending: deque[Callable[[], None]] = deque()
+        self._pending: deque[tuple[Stream, Callable[[], None]]] = deque()  # slot changes for the inference thread
         self._admit = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -352,13 +358,21 @@ class Engine:
                 group.admitted -= 1
                 raise EngineSaturated("the composer has all its slots in use; retry later") from None
             controls = {}
+        if voice is not None:
+            composer.pool.reset(voice.slot)
         group.rings.reset(slot)
         group.controls.reset(slot, controls)
+        group.composed[slot] = voice is not None
         group.keys[slot] = stream_key(seed)
         stream = Stream(group, slot, seed, voice)
         group.streams[slot] = stream
         self.streams[stream.id] = stream
-        group.active[slot] = True  # last: the inference thread sees a fully set-up slot
+
+        def attach() -> None:  # on the inference thread, which alone writes a pool's states
+            group.pool.reset(slot)
+            group.active[slot] = stream.id in self.streams and stream.failure is None
+
+        self._pending.append((stream, attach))
         self.notify()
         return stream
 
@@ -367,6 +381,7 @@ class Engine:
         if stream is not None:
             group = stream.group
             group.active[stream.slot] = False
+            group.composed[stream.slot] = False
             group.admitted -= 1
 
             def release() -> None:  # after the tick that may still be writing the slot
@@ -377,7 +392,7 @@ class Engine:
                     stream.voice.group.pool.release(stream.voice.slot)
                     stream.voice.slot = None
 
-            self._pending.append(release)
+            self._pending.append((stream, release))
             self.notify()
         return stream
 
@@ -395,17 +410,19 @@ class Engine:
     def tick(self) -> int:
         """Generate one frame for every stream that needs one; returns how many frames were made."""
         while self._pending:
-            op = self._pending.popleft()
+            stream, op = self._pending.popleft()
             try:
                 op()
-            except Exception as e:  # a release that fails must not stop the tick; say so
-                self._faults.error("pending", "engine: releasing a stream's slot failed: %s", describe(e))
+            except Exception as e:  # neither stops the tick, and the stream is not lost silently
+                self._faults.error("pending", "engine: setting up or releasing stream %s failed: %s", stream.id,
+                                   describe(e))
+                self._fail(stream, f"the engine could not set the stream up: {describe(e)}")
         work = [(g, slots) for g in list(self.groups.values()) if g.failure is None and len(slots := g.needy())]
         if not work:
             return 0
         started = time.perf_counter()
         self._compose(work)
-        predicted, made = 0.0, 0
+        predicted, made, model_seconds = 0.0, 0, 0.0
         for group, slots in work:
             if group.failure is not None:  # its composer failed it during this tick
                 continue
@@ -418,6 +435,7 @@ class Engine:
                 self._fail(group.streams[slots[row]], "the model produced non-finite audio (NaN or infinity); "
                                                       "the stream was stopped, create a new one")
             predicted += group.predicted_seconds(len(slots))
+            model_seconds += group.call_seconds
             made += len(slots)
             self.stats.batches += 1
         elapsed = time.perf_counter() - started
@@ -425,6 +443,7 @@ class Engine:
             self.overhead = min(4.0, max(1.0, 0.95 * self.overhead + 0.05 * elapsed / predicted))
         st = self.stats
         st.ticks, st.frames, st.last_batch, st.last_tick_seconds = st.ticks + 1, st.frames + made, made, elapsed
+        st.last_model_seconds = model_seconds
         st.busy_seconds += elapsed
         st.max_tick_seconds = max(st.max_tick_seconds, elapsed)
         return made
@@ -455,7 +474,7 @@ class Engine:
         """Composed streams: one batched composer step for the voices whose next note starts now, then
         every voice sets its stream's f0 and loudness for the frame."""
         due: dict[ComposerGroup, list[Voice]] = {}
-        voiced = [s for g, slots in work for i in slots if (s := g.streams[i]) is not None and s.voice is not None]
+        voiced = [g.streams[i] for g, slots in work for i in slots[g.composed[slots]]]
         for s in voiced:
             if s.voice.begin_frame(s.frames):
                 due.setdefault(s.voice.group, []).append(s.voice)

@@ -13,6 +13,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,16 +200,21 @@ class PoolFull(Exception):
 
 class StatePool:
     """The state tensors of up to `capacity` streams of one model, one slot each, sized up front so the
-    inference thread never allocates or copies a pool; with preallocated buffers to gather a batch of
-    slots for a call and to receive the call's new states. Slots are taken and given back under a lock
-    (streams are created on the event loop, released on the inference thread)."""
+    inference thread never allocates or grows a pool. Slots are taken and given back under a lock (streams
+    are created on the event loop, released on the inference thread); a taken slot is `reset` before use.
+
+    `run` advances a batch: when the batch is the pool's leading slots (the usual case: the streams fill
+    slots from 0 and are all due each tick) the pool itself is the call's input and a second, spare pool
+    takes its output, and the two swap, so the states are never copied; otherwise the batch's states are
+    gathered into a buffer and the results scattered back. With `run`, only the inference thread may
+    write states (reset included)."""
 
     def __init__(self, manifest: Manifest, capacity: int) -> None:
         self.states = manifest.states
         self.capacity = capacity
         self.pool = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
+        self.spare = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
         self.gathered = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
-        self.returned = {s.name: np.zeros(s.concrete(capacity), np.float32) for s in self.states}
         self.free = list(range(capacity - 1, -1, -1))
         self._lock = threading.Lock()
 
@@ -220,9 +226,7 @@ class StatePool:
         with self._lock:
             if not self.free:
                 raise PoolFull(f"all {self.capacity} state slots are in use")
-            slot = self.free.pop()
-        self.reset(slot)
-        return slot
+            return self.free.pop()
 
     def reset(self, slot: int) -> None:
         for spec in self.states:
@@ -237,12 +241,36 @@ class StatePool:
         follows axes of size 1)."""
         return {s.name: buffers[s.name][self._index(s.batch_axis, slice(0, n))] for s in self.states}
 
-    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        """The states of `slots`, batched (views of preallocated buffers, valid until the next gather)."""
-        states = self.batch(self.gathered, len(slots))
+    @staticmethod
+    def _leading(slots: np.ndarray) -> bool:
+        """True when `slots` is 0, 1, ..., n-1: strictly increasing and ending at n-1."""
+        n = len(slots)
+        return n > 0 and slots[-1] == n - 1 and bool((slots[1:] > slots[:-1]).all())
+
+    def gather(self, slots: np.ndarray, rows: int | None = None) -> dict[str, np.ndarray]:
+        """The states of `slots` as the first rows of a batch of `rows` (default len(slots)); views of a
+        preallocated buffer, valid until the next gather."""
+        rows = len(slots) if rows is None else rows
+        states = self.batch(self.gathered, rows)
         for spec in self.states:
-            np.take(self.pool[spec.name], slots, axis=spec.batch_axis, out=states[spec.name])
+            np.take(self.pool[spec.name], slots, axis=spec.batch_axis,
+                    out=states[spec.name][self._index(spec.batch_axis, slice(0, len(slots)))])
         return states
+
+    def run(self, slots: np.ndarray, rows: int, call: Callable[[dict, dict], None], live: np.ndarray) -> None:
+        """`call(states_in, states_out)` with `slots` as the first rows of a batch of `rows` (views of
+        preallocated buffers), keeping what it writes as their new states. `live` marks the slots whose
+        states must survive although they are not in the batch."""
+        if not self._leading(slots):
+            call(self.gather(slots, rows), self.batch(self.spare, rows))
+            self.scatter(slots, self.batch(self.spare, len(slots)))
+            return
+        call(self.batch(self.pool, rows), self.batch(self.spare, rows))
+        others = np.flatnonzero(live[len(slots) :]) + len(slots)  # rows the call did not own (or only padded)
+        for spec in self.states if len(others) else ():
+            index = self._index(spec.batch_axis, others)
+            self.spare[spec.name][index] = self.pool[spec.name][index]
+        self.pool, self.spare = self.spare, self.pool
 
     def scatter(self, slots: np.ndarray, states: dict[str, np.ndarray]) -> None:
         for spec in self.states:
