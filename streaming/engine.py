@@ -118,10 +118,6 @@ class Group:
         self.call_seconds = 0.0  # the last model call alone: the rest of a tick is the engine's own work
         self.guarded_frames = 0  # frames whose samples the guard had to clip or silence
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.manifest.name, self.manifest.version
-
     def predicted_seconds(self, streams: int) -> float:
         return self.fixed_seconds + self.stream_seconds * streams if streams else 0.0
 
