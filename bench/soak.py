@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
          "packets": sender.packets, "underruns": sender.glitches, "sender_late": sender.late,
          "rss_start_mib": settled[0] / 2**20, "rss_end_mib": settled[-1] / 2**20, "rss_max_mib": max(settled) / 2**20,
          "rss_drift_pct": 100 * (settled[-1] / settled[0] - 1), "frames": engine.stats.frames,
-         "max_tick_ms": 1000 * engine.stats.max_tick_seconds, "samples": samples}
+         "max_tick_ms": 1000 * engine.stats.max_tick_seconds,
+         "fill_frames": {int(k): int(v) for k, v in zip(*np.unique(group.rings.ahead[[s.slot for s in streams]],
+                                                                   return_counts=True), strict=True)},
+         "samples": samples}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")
     print(f"soak: {keep} streams ({100 * r['share']:.0f} % of the admission cap {cap}) for {a.seconds:g} s, "
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
           f"underruns after first audio: {r['underruns']} in {r['packets']} packets "
           f"(sender late {r['sender_late']} times)\n"
           f"RSS {r['rss_start_mib']:.1f} -> {r['rss_end_mib']:.1f} MiB ({r['rss_drift_pct']:+.1f} %), "
-          f"max {r['rss_max_mib']:.1f}; longest tick {r['max_tick_ms']:.1f} ms\nwrote {a.out}")
+          f"max {r['rss_max_mib']:.1f}; longest tick {r['max_tick_ms']:.1f} ms\n"
+          f"stream fills at the end (frames: streams): {r['fill_frames']}\nwrote {a.out}")
     return 0
 
 

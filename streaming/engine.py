@@ -128,7 +128,7 @@ class Group:
     def needy(self) -> np.ndarray:
         """Slots to generate this tick: active, listened to, and below their target fill."""
         r = self.rings
-        below = r.written * r.hop - r.floor < r.ahead * r.hop
+        below = r.written * r.hop - r.front < r.ahead * r.hop
         return np.flatnonzero(self.active & (r.listeners > 0) & below)
 
     def run(self, slots: np.ndarray) -> np.ndarray:

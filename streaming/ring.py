@@ -28,7 +28,7 @@ class Rings:
         self.data = np.zeros((slots, self.capacity), np.float32)
         self._framed = self.data.reshape(slots, frames, hop)
         self.written = np.zeros(slots, np.int64)  # frames written to each slot since its stream began
-        self.floor = np.zeros(slots, np.int64)  # sample position of each slot's hungriest reader
+        self.front = np.zeros(slots, np.int64)  # sample position of each slot's hungriest reader (the furthest on)
         self.listeners = np.zeros(slots, np.int32)
         self.generation = np.zeros(slots, np.int64)
         self.ahead = np.full(slots, ahead, np.int64)  # target fill, frames
@@ -40,7 +40,7 @@ class Rings:
         self.readers[slot] = []
         self.listeners[slot] = 0
         self.written[slot] = 0
-        self.floor[slot] = 0
+        self.front[slot] = 0
         self.ahead[slot] = self.initial_ahead
 
     def write(self, slots: np.ndarray, audio: np.ndarray) -> None:
@@ -49,8 +49,9 @@ class Rings:
         self.written[slots] += 1
 
     def buffered(self, slot: int) -> int | None:
-        """Samples written ahead of the slot's hungriest reader, or None when nobody listens."""
-        return int(self.written[slot] * self.hop - self.floor[slot]) if self.listeners[slot] else None
+        """Samples written ahead of the slot's hungriest reader (the one with the least left to read), or
+        None when nobody listens."""
+        return int(self.written[slot] * self.hop - self.front[slot]) if self.listeners[slot] else None
 
     def reader(self, slot: int) -> Reader:
         """A new listener of `slot`; it hears what is written from now on."""
@@ -69,7 +70,7 @@ class Rings:
     def _update(self, slot: int) -> None:
         readers = self.readers[slot]
         if readers:
-            self.floor[slot] = min(r.position for r in readers)
+            self.front[slot] = max(r.position for r in readers)
         self.listeners[slot] = len(readers)
 
 

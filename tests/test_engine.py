@@ -162,7 +162,7 @@ def test_ring_fans_out_and_skips_ahead() -> None:
         if value == 1:
             assert fast.read(out) == 100 and out[0] == 0.0
         rings.write(np.array([1]), np.full((1, 100), value, np.float32))
-    assert rings.buffered(1) == 500  # the slow reader has all five frames pending
+    assert rings.buffered(1) == 400  # the hungriest reader (the fast one) has four frames left
     assert slow.read(out) == 100 and slow.overruns == 1  # five frames behind a four-frame ring: skipped ahead
     assert out[0] == 2.0  # ... to the oldest frame the writer cannot be overwriting (frame 2)
     assert other.read(out) == 0 and other.underruns == 1  # slot 0 was never written
@@ -300,3 +300,22 @@ def test_a_stream_left_out_of_a_tick_keeps_its_state(default_model: FrameModel) 
     assert streams[2].frames < streams[0].frames
     expected = render(default_model, 0.3, 2, {"f0": 660.0, "loudness": -20.0})
     assert np.abs(heard - expected).max() < 1e-4
+
+
+def test_every_listener_is_fed_not_only_the_first(default_model: FrameModel) -> None:
+    """The engine fills for the hungriest listener of a stream: one that joins later, half a packet out of
+    phase with the first, underruns only on its first read (nothing was made for it yet)."""
+    engine = Engine(buffer_frames=3, budget=None)
+    stream = engine.create_stream(engine.add_model(default_model), 1, {})
+    first, late = stream.listen(), None
+    buf = np.zeros(960, np.float32)  # a 20 ms packet; one step below is 10 ms
+    for step in range(80):
+        while engine.tick():
+            pass
+        if step == 7:
+            late = stream.listen()
+        if step % 2 == 0:
+            first.read(buf)
+        elif late is not None:
+            late.read(buf)
+    assert first.underruns == 0 and late.underruns == 1 and late.heard
