@@ -303,11 +303,11 @@ def test_a_stream_left_out_of_a_tick_keeps_its_state(default_model: FrameModel) 
 
 
 def test_every_listener_is_fed_not_only_the_first(default_model: FrameModel) -> None:
-    """The engine fills for the hungriest listener of a stream: one that joins later, half a packet out of
-    phase with the first, underruns only on its first read (nothing was made for it yet)."""
+    """The engine fills for the hungriest listener of a stream: a listener that stalls (a paused device, a
+    peer gone quiet) must not starve the others, and one that joins late underruns only on its first read."""
     engine = Engine(buffer_frames=3, budget=None)
     stream = engine.create_stream(engine.add_model(default_model), 1, {})
-    first, late = stream.listen(), None
+    first, stalled, late = stream.listen(), stream.listen(), None
     buf = np.zeros(960, np.float32)  # a 20 ms packet; one step below is 10 ms
     for step in range(80):
         while engine.tick():
@@ -316,6 +316,9 @@ def test_every_listener_is_fed_not_only_the_first(default_model: FrameModel) -> 
             late = stream.listen()
         if step % 2 == 0:
             first.read(buf)
+            if step < 10:
+                stalled.read(buf)  # then it stops reading
         elif late is not None:
             late.read(buf)
     assert first.underruns == 0 and late.underruns == 1 and late.heard
+    assert stalled.underruns == 0 and stream.frames >= 78
