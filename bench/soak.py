@@ -19,6 +19,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -79,6 +80,25 @@ class Sender(threading.Thread):
             self.engine.notify()
 
 
+class GcPauses:
+    """The longest pause of each garbage-collector generation: a collection holds the GIL, so every thread,
+    the inference thread included, waits for it."""
+
+    def __init__(self) -> None:
+        self.longest = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._started = 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.longest[g] = max(self.longest[g], time.perf_counter() - self._started)
+            self.count[g] += 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models/shipped/default", help="model.json + model.onnx")
@@ -87,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=BUDGET, help="the engine's tick budget (default: %(default)s)")
     p.add_argument("--churn", type=float, default=0.05, help="share of listeners replaced each second")
     p.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
+    p.add_argument("--freeze", action="store_true", help="gc.freeze() after start-up (fewer objects to collect)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/soak.json", help="JSON results (folder is made)")
     a = p.parse_args(argv)
+    pauses = GcPauses()
     model = FrameModel(a.model_dir, device="cpu", threads=1)
     engine = Engine(budget=a.budget)
     group = engine.add_model(model)
@@ -110,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{1e6 * group.fixed_seconds:.0f} us fixed); running {keep} for {a.seconds:g} s")
     sender = Sender(engine)
     sender.listeners = [(s, s.listen()) for s in streams]
+    if a.freeze:
+        gc.freeze()
     engine.start()
     time.sleep(0.3)
     sender.start()
@@ -149,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
          "rss_start_mib": settled[0] / 2**20, "rss_end_mib": settled[-1] / 2**20, "rss_max_mib": max(settled) / 2**20,
          "rss_drift_pct": 100 * (settled[-1] / settled[0] - 1), "frames": engine.stats.frames,
          "max_tick_ms": 1000 * engine.stats.max_tick_seconds,
+         "max_model_call_ms": 1000 * engine.stats.max_model_seconds, "gc_frozen": a.freeze,
+         "gc_collections": pauses.count, "gc_longest_ms": [round(1000 * x, 2) for x in pauses.longest],
          "fill_frames": {int(k): int(v) for k, v in zip(*np.unique(group.rings.ahead[[s.slot for s in streams]],
                                                                    return_counts=True), strict=True)},
          "samples": samples}
@@ -159,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
           f"underruns after first audio: {r['underruns']} in {r['packets']} packets "
           f"(sender late {r['sender_late']} times)\n"
           f"RSS {r['rss_start_mib']:.1f} -> {r['rss_end_mib']:.1f} MiB ({r['rss_drift_pct']:+.1f} %), "
-          f"max {r['rss_max_mib']:.1f}; longest tick {r['max_tick_ms']:.1f} ms\n"
-          f"stream fills at the end (frames: streams): {r['fill_frames']}\nwrote {a.out}")
+          f"max {r['rss_max_mib']:.1f}; longest tick {r['max_tick_ms']:.1f} ms "
+          f"(longest model call in a tick {r['max_model_call_ms']:.1f} ms)\n"
+          f"stream fills at the end (frames: streams): {r['fill_frames']}\n"
+          f"garbage collections by generation {r['gc_collections']}, longest pauses {r['gc_longest_ms']} ms\n"
+          f"wrote {a.out}")
     return 0
 
 

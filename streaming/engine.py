@@ -256,6 +256,7 @@ class Stats:
     last_batch: int = 0
     last_tick_seconds: float = 0.0
     last_model_seconds: float = 0.0  # of the last tick, the time inside the model calls
+    max_model_seconds: float = 0.0  # the longest such time so far
     composer_steps: int = 0  # batched composer calls
     notes: int = 0  # notes (and rests) composed
     refused: int = 0  # streams refused by admission control
@@ -440,6 +441,7 @@ class Engine:
         st = self.stats
         st.ticks, st.frames, st.last_batch, st.last_tick_seconds = st.ticks + 1, st.frames + made, made, elapsed
         st.last_model_seconds = model_seconds
+        st.max_model_seconds = max(st.max_model_seconds, model_seconds)
         st.busy_seconds += elapsed
         st.max_tick_seconds = max(st.max_tick_seconds, elapsed)
         return made
