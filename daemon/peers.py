@@ -37,7 +37,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from streaming.engine import Engine, Stream
+from streaming.engine import Engine, Stream, describe
 
 PACKET_SAMPLES = 960  # 20 ms at 48 kHz: one Opus packet
 SAMPLE_RATE = 48_000
@@ -155,7 +155,8 @@ def deliver(batch: list[tuple[StreamEncoder, av.Packet | Exception]]) -> None:
         if encoder.closed:
             continue
         if isinstance(packet, Exception):
-            encoder.close("encoder_failed", f"the stream's Opus encoder failed: {packet!r}")
+            encoder.close("encoder_failed", f"the stream's Opus encoder failed ({describe(packet)}); reconnect "
+                                            "to get a new one")
             continue
         for track in encoder.tracks:
             track.push(packet)

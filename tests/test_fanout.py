@@ -239,7 +239,8 @@ async def failure_and_deletion(tmp: Path) -> None:
             broken.fail_at = broken.packets + 3
             reply = await asyncio.wait_for(listener.replies.get(), 5)
             assert reply["type"] == "error" and reply["error"]["code"] == "encoder_failed", reply
-            assert "opus exploded" in reply["error"]["message"]
+            message = reply["error"]["message"]
+            assert "(opus exploded); reconnect" in message and "Error(" not in message  # words, not a repr
             for _ in range(50):
                 if listener.pc.connectionState == "closed" and (await d.info(broken_stream.id))["peers"] == 0:
                     break
