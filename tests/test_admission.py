@@ -20,7 +20,7 @@ PACKET = 960  # what a WebRTC sender takes every 20 ms
 
 
 def test_refuses_past_the_budget_and_keeps_the_admitted_in_real_time(default_model: FrameModel) -> None:
-    engine = Engine(budget=0.25)
+    engine = Engine(budget=0.25, buffer_frames=6)  # 60 ms of fill: a shared CI core may pause a thread for 20 ms
     group = engine.add_model(default_model)
     assert group.stream_seconds > 0 and group.fixed_seconds >= 0  # measured at load
     streams = []
@@ -61,7 +61,7 @@ def post(url: str, body: dict) -> tuple[int, dict, dict]:
 
 
 def test_http_answers_503_with_retry_after(tmp_path: Path) -> None:
-    server = start_server(tmp_path, args=("--tick-budget", "0.1"))
+    server = start_server(tmp_path, args=("--tick-budget", "0.2"))  # 2 ms: room for one stream on a slow CI core
     try:
         created = []
         for seed in range(500):
@@ -73,8 +73,8 @@ def test_http_answers_503_with_retry_after(tmp_path: Path) -> None:
         assert int(headers["Retry-After"]) > 0 and "delete a stream or retry later" in body["error"]["message"]
         assert 1 <= len(created) < 500
         _, health = server.request("GET", "/v1/health")
-        assert health["admission"]["budget_ms"] == 1.0
-        assert health["admission"]["predicted_tick_ms"] <= 1.0
+        assert health["admission"]["budget_ms"] == 2.0
+        assert health["admission"]["predicted_tick_ms"] <= 2.0
         server.request("DELETE", f"/v1/streams/{created[0]}")
         status, body, _ = post(server.url + "/v1/streams", {"seed": 1})  # room again after a delete
         assert status == 201, body

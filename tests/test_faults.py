@@ -98,7 +98,7 @@ def test_guard_clips_out_of_range_samples(tmp_path: Path) -> None:
 async def isolation_over_webrtc(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_faulty_model(store / "faulty" / "000001", "faulty", "raise")
-    server = start_server(tmp_path, args=("--store", str(store)))
+    server = start_server(tmp_path, args=("--store", str(store), "--buffer-frames", "6"))  # margin for a busy CI
     listeners = []
     try:
         _, healthy = server.request("POST", "/v1/streams", {"seed": 1, "controls": {"f0": 440, "loudness": -20}})
