@@ -24,7 +24,16 @@ from daemon.peers import ENCODER_DELAY_SAMPLES, PACKET_SAMPLES, SAMPLE_RATE, Enc
 from models.store import ModelStore
 from streaming.composer import ACTIONS, ComposerGroup, ComposerModel, describe_controls, validate_controls
 from streaming.controls import ControlError, validate
-from streaming.engine import BUDGET, BUFFER_FRAMES, Engine, EngineSaturated, Group, ModelFailed, Stream
+from streaming.engine import (
+    BUDGET,
+    BUFFER_FRAMES,
+    RETRY_AFTER_SECONDS,
+    Engine,
+    EngineSaturated,
+    Group,
+    ModelFailed,
+    Stream,
+)
 from streaming.model import FrameModel, ModelError
 
 log = logging.getLogger("wavecast.api")
@@ -51,11 +60,13 @@ class Daemon:
     """Everything `wavecast serve` holds: the engine, loaded models, peers and device outputs."""
 
     def __init__(self, store: ModelStore, *, buffer_frames: int = BUFFER_FRAMES, max_streams: int = 1024,
-                 budget: float = BUDGET, max_peers_per_stream: int = 64, token: str | None = None) -> None:
+                 budget: float = BUDGET, encode_budget: float = BUDGET, max_peers_per_stream: int = 64,
+                 token: str | None = None) -> None:
         self.store = store
         self.engine = Engine(buffer_frames=buffer_frames, max_streams=max_streams, budget=budget)
         self.max_streams = max_streams
         self.max_peers_per_stream = max_peers_per_stream
+        self.encode_budget = encode_budget  # busy share of the encoding thread past which no new encoder starts
         self.token = token
         self.peers: dict[str, set[RTCPeerConnection]] = {}
         self.encoders: dict[str, StreamEncoder] = {}  # one per stream with WebRTC peers: packets fan out
@@ -358,6 +369,11 @@ async def webrtc_offer(request: web.Request) -> web.Response:
     peers = d.peers.setdefault(stream.id, set())
     if len(peers) >= d.max_peers_per_stream:
         raise ApiError(429, "too_many_peers", f"a stream takes at most {d.max_peers_per_stream} WebRTC peers")
+    if stream.id not in d.encoders and d.encoding.load > d.encode_budget:
+        raise ApiError(503, "encoder_saturated", f"the Opus encoding thread is {100 * d.encoding.load:.0f} % busy "
+                       f"(limit {100 * d.encode_budget:.0f} %): another stream's encoder would make every WebRTC "
+                       "stream late; join a stream that already has listeners or retry later",
+                       {"Retry-After": str(RETRY_AFTER_SECONDS)})
     try:
         track = d.encoder(stream).track()  # the stream's one Opus encoder; this peer gets its packets
     except ValueError as e:
@@ -472,6 +488,8 @@ async def metrics(request: web.Request) -> web.Response:
         ("wavecast_encoders", "gauge", "Opus encoders running, one per stream with WebRTC listeners", len(d.encoders)),
         ("wavecast_packets_encoded_total", "counter", "Opus packets encoded (20 ms each, shared by a stream's peers)",
          d.encoding.packets),
+        ("wavecast_encoding_load", "gauge", "share of the last half second the Opus encoding thread was busy",
+         d.encoding.load),
         ("wavecast_underruns_total", "counter", "reads that found too little audio (live streams)",
          sum(s.underruns for s in streams)),
         ("wavecast_engine_ticks_total", "counter", "ticks that generated audio", st.ticks),

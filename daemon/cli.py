@@ -70,7 +70,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.ice_host:
         use_ice_host(args.ice_host)
     daemon = Daemon(ModelStore(args.store), buffer_frames=args.buffer_frames, max_streams=args.max_streams,
-                    budget=args.tick_budget, max_peers_per_stream=args.max_peers_per_stream, token=args.token)
+                    budget=args.tick_budget, encode_budget=args.encode_budget,
+                    max_peers_per_stream=args.max_peers_per_stream, token=args.token)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
     runner = web.AppRunner(make_app(daemon), access_log=None)
@@ -98,6 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if not 0.05 <= args.tick_budget <= 1.0:
         print("error: --tick-budget is a share of a frame, 0.05-1.0 (0.7 leaves 30 % for load spikes)", file=sys.stderr)
+        return 2
+    if not 0 < args.encode_budget <= 1.0:
+        print("error: --encode-budget is a share of the encoding thread's time, above 0 and at most 1", file=sys.stderr)
         return 2
     args.token = args.token or os.environ.get("WAVECAST_TOKEN")
     if not is_loopback(args.host) and not args.token:
@@ -296,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tick-budget", type=float, default=BUDGET, metavar="FRACTION",
                    help="share of each 10 ms frame the predicted tick may take before new streams are refused "
                         "(default: %(default)s)")
+    s.add_argument("--encode-budget", type=float, default=BUDGET, metavar="FRACTION",
+                   help="busy share of the Opus encoding thread past which a WebRTC offer that needs a new encoder "
+                        "is refused with 503 (joining a stream that has one is not) (default: %(default)s)")
     s.add_argument("--max-peers-per-stream", type=int, default=64,
                    help="WebRTC peers one stream takes; they share its one Opus encoding (default: %(default)s)")
     s.add_argument("--token", help="bearer token required from clients; needed for non-loopback --host")

@@ -48,6 +48,7 @@ COALESCE_S = 0.002  # one pass encodes every packet due within this much of now
 MAX_LAG_S = 0.2  # an encoder further behind the wall clock than this restarts its clock instead of bursting
 QUEUE_PACKETS = 10  # a peer further behind than this loses its oldest packets
 LOG_EVERY_S = 10.0  # encoder failures are logged at most this often
+LOAD_WINDOW_S = 0.5  # the encoding thread's busy share is measured over windows this long
 
 log = logging.getLogger("wavecast.peers")
 
@@ -84,6 +85,8 @@ class Encoding:
         self.failures = 0
         self._logged_at = -LOG_EVERY_S
         self._unlogged = 0
+        self.load = 0.0  # share of the last window the thread spent encoding (it holds the GIL most of it)
+        self._window_start, self._busy = time.monotonic(), 0.0
 
     def add(self, encoder: StreamEncoder) -> None:
         with self._cond:
@@ -121,6 +124,7 @@ class Encoding:
     def _run(self) -> None:
         while ready := self._due():
             batches: dict[asyncio.AbstractEventLoop, list] = {}
+            started = time.monotonic()
             for encoder in ready:
                 try:
                     packet = encoder.step()
@@ -130,12 +134,20 @@ class Encoding:
                     packet = e
                 if packet is not None:
                     batches.setdefault(encoder.loop, []).append((encoder, packet))
+            self._measure(started)
             for loop, batch in batches.items():
                 try:
                     loop.call_soon_threadsafe(deliver, batch)
                 except RuntimeError:  # that loop is closed: its encoders go with it
                     for encoder, _ in batch:
                         self.remove(encoder)
+
+    def _measure(self, started: float) -> None:
+        now = time.monotonic()
+        self._busy += now - started
+        if now - self._window_start >= LOAD_WINDOW_S:
+            self.load = self._busy / (now - self._window_start)
+            self._window_start, self._busy = now, 0.0
 
     def _failed(self, encoder: StreamEncoder, error: Exception) -> None:
         self.failures += 1

@@ -133,6 +133,37 @@ def test_max_peers_per_stream_flag(tmp_path: Path) -> None:
         stop_server(server)
 
 
+async def saturated(server: Server) -> None:
+    busy = server.request("POST", "/v1/streams", {"seed": 5})[1]["id"]
+    other = server.request("POST", "/v1/streams", {"seed": 6})[1]["id"]
+    first = await Listener.connect(server.url, busy)
+    listeners = [first]
+    try:
+        await first.collect(1.2)  # the encoding thread has measured a load by now
+        load = float(re.search(r"^wavecast_encoding_load (\S+)$", server.text("/metrics"), re.M).group(1))
+        assert load > 0.0001
+        status, body = await offer(server.url, other)  # it would need a second encoder
+        assert status == 503 and body["error"]["code"] == "encoder_saturated", (status, body)
+        assert "join a stream that already has listeners" in body["error"]["message"]
+        listeners.append(await Listener.connect(server.url, busy))  # joining the running encoder is fine
+        heard = estimate_f0((await listeners[1].collect(1.0))[-24_000:], 48_000)
+        assert abs(heard / 220.0 - 1) < 0.02, heard  # the default model's default f0
+        _, info = server.request("GET", f"/v1/streams/{busy}")
+        assert info["peers"] == 2 and info["encoders"] == 1
+        assert server.request("GET", f"/v1/streams/{other}")[1]["encoders"] == 0
+    finally:
+        for x in listeners:
+            await x.close()
+
+
+def test_no_new_encoder_past_the_encode_budget(tmp_path: Path) -> None:
+    server = start_server(tmp_path, args=("--encode-budget", "0.0001"))
+    try:
+        asyncio.run(saturated(server))
+    finally:
+        stop_server(server)
+
+
 # -- in process: the daemon's encoder and tracks, no network --------------------------------------------
 class InProcess:
     def __init__(self, tmp: Path) -> None:
