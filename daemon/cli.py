@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import ipaddress
 import json
 import logging
@@ -173,27 +174,23 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 # -- train, models, devices -------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> int:
+def run_torch_command(module: str, args: argparse.Namespace) -> int:
+    """Run `models.<module>.run`, a command that needs torch (the 'train' extra), or say how to install it."""
     try:
-        if args.what == "composer":
-            from models import train_composer as train
-        else:
-            from models import train
+        command = importlib.import_module(f"models.{module}")
     except ImportError as e:
-        print(f"error: training needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
+        print(f"error: this command needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
         return 2
-    train.run(args, sys.argv[1:])
+    command.run(args, sys.argv[1:])
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return run_torch_command("train_composer" if args.what == "composer" else "train", args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from models import reexport
-    except ImportError as e:
-        print(f"error: exporting needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
-        return 2
-    reexport.run(args, sys.argv[1:])
-    return 0
+    return run_torch_command("reexport", args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
