@@ -7,7 +7,8 @@
 #                                at a time; the host keeps the folder between calls while it stays up)
 #   bench/gpu.sh run             on the GPU host: join the parts, install the wheel into a venv that sees the
 #                                system's torch (its pip-installed CUDA and cuDNN libraries serve ONNX Runtime),
-#                                run `bench/engine.py --device cuda --cuda-only` and write bench/out/engine-cuda.json
+#                                run tests/test_cuda.py (if the host has pytest) and
+#                                `bench/engine.py --device cuda --cuda-only`, writing bench/out/engine-cuda.json
 #
 # CPU machines never need this: the default install's onnxruntime-gpu runs on the CPU there.
 set -euo pipefail
@@ -44,6 +45,10 @@ run)
   "$VENV/bin/python" -m pip install -q --no-index --no-deps "$wheel"
   # onnxruntime-gpu finds CUDA 13 and cuDNN 9 in the nvidia-* wheels that torch brought (preload_dlls)
   "$VENV/bin/python" -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+  if "$VENV/bin/python" -c "import pytest" 2>/dev/null; then  # the CUDA test, where the host has pytest
+    "$VENV/bin/python" -c "import onnxruntime, pytest, sys; onnxruntime.preload_dlls(); sys.exit(pytest.main(['-q', 'tests/test_cuda.py']))" \
+      || echo "tests/test_cuda.py failed: see above (the bench runs anyway)" >&2
+  fi
   PYTHONPATH=. "$VENV/bin/python" - <<'EOF'
 import runpy
 import sys
