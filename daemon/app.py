@@ -27,6 +27,7 @@ from streaming.controls import ControlError, validate
 from streaming.engine import (
     BUDGET,
     BUFFER_FRAMES,
+    MAX_STREAMS,
     RETRY_AFTER_SECONDS,
     Engine,
     EngineSaturated,
@@ -59,7 +60,7 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "m
 class Daemon:
     """Everything `wavecast serve` holds: the engine, loaded models, peers and device outputs."""
 
-    def __init__(self, store: ModelStore, *, buffer_frames: int = BUFFER_FRAMES, max_streams: int = 1024,
+    def __init__(self, store: ModelStore, *, buffer_frames: int = BUFFER_FRAMES, max_streams: int = MAX_STREAMS,
                  budget: float = BUDGET, encode_budget: float = BUDGET, max_peers_per_stream: int = 64,
                  token: str | None = None) -> None:
         self.store = store
@@ -518,10 +519,10 @@ async def metrics(request: web.Request) -> web.Response:
         value = float(value)
         text += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value if math.isfinite(value) else 0}"]
     text.append("# TYPE wavecast_model_loaded gauge")
-    for (name, version), group in d.engine.groups.items():
+    for (name, version), group in list(d.engine.groups.items()):  # a model may be loading meanwhile
         provider = group.model.providers[0]
         text.append(f'wavecast_model_loaded{{name="{name}",version="{version}",provider="{provider}"}} 1')
-    for name, version in d.engine.composers:
+    for name, version in list(d.engine.composers):
         text.append(f'wavecast_model_loaded{{name="{name}",version="{version}",provider="CPUExecutionProvider"}} 1')
     return web.Response(text="\n".join(text) + "\n", content_type="text/plain", charset="utf-8")
 

@@ -272,7 +272,7 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from streaming.engine import BUDGET, BUFFER_FRAMES, MAX_BUFFER_FRAMES
+    from streaming.engine import BUDGET, BUFFER_FRAMES, MAX_BUFFER_FRAMES, MAX_STREAMS
 
     p = argparse.ArgumentParser(prog="wavecast", description="Real-time generative audio from stateful LSTM models.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--buffer-frames", type=int, default=BUFFER_FRAMES,
                    help="frames (10 ms each) a stream starts generating ahead of its hungriest listener; it grows by "
                         f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns (default: %(default)s)")
-    s.add_argument("--max-streams", type=int, default=1024,
+    s.add_argument("--max-streams", type=int, default=MAX_STREAMS,
                    help="hard limit on streams; below it admission control refuses (503) a stream that would push "
                         "the tick past --tick-budget (default: %(default)s)")
     s.add_argument("--tick-budget", type=float, default=BUDGET, metavar="FRACTION",

@@ -34,13 +34,14 @@ import numpy as np
 from streaming.composer import ComposerGroup, ComposerModel, Note, Voice
 from streaming.controls import Controls
 from streaming.model import FrameModel, Manifest, PoolFull, StatePool
-from streaming.noise import NoiseTable, stream_key
+from streaming.noise import shared_table, stream_key
 from streaming.ring import Reader, Rings
 
 log = logging.getLogger("wavecast.engine")
 BUFFER_FRAMES = 3  # target fill a stream starts with: 30 ms generated ahead of its hungriest listener
 MAX_BUFFER_FRAMES = 12  # a listener that underruns grows its stream's fill up to this
 RING_FRAMES = 24  # ring length: twice the largest fill, so a listener never laps the writer
+MAX_STREAMS = 1024  # hard bound on the slots of a group (admission control usually refuses well before)
 BUDGET = 0.7  # share of a frame the predicted tick may take before new streams are refused
 RETRY_AFTER_SECONDS = 10
 LOG_EVERY_SECONDS = 10.0
@@ -103,7 +104,7 @@ class Group:
         self.controls = Controls(m, capacity)
         self.rings = Rings(capacity, max(RING_FRAMES, 2 * max_buffer_frames), m.hop, buffer_frames,
                            max_buffer_frames)
-        self.noise_table = NoiseTable(m.noise)
+        self.noise_table = shared_table(m.noise)
         self.keys = np.zeros(capacity, np.uint64)
         self.active = np.zeros(capacity, bool)  # slots whose stream is generated (created, not failed)
         self.composed = np.zeros(capacity, bool)  # slots whose stream a composer plays (Python per frame)
@@ -272,7 +273,7 @@ class Engine:
     renders and benches); `max_streams` bounds the slots of each group."""
 
     def __init__(self, buffer_frames: int = BUFFER_FRAMES, max_buffer_frames: int = MAX_BUFFER_FRAMES,
-                 max_streams: int = 1024, budget: float | None = BUDGET) -> None:
+                 max_streams: int = MAX_STREAMS, budget: float | None = BUDGET) -> None:
         self.buffer_frames = buffer_frames
         self.max_buffer_frames = max(buffer_frames, max_buffer_frames)
         self.max_streams = max_streams
@@ -317,7 +318,7 @@ class Engine:
 
     def admission(self) -> dict[str, Any]:
         """Admission figures for health and metrics."""
-        frame = min((g.manifest.frame_seconds for g in self.groups.values()), default=0.01)
+        frame = min((g.manifest.frame_seconds for g in list(self.groups.values())), default=0.01)
         return {"budget_ms": None if self.budget is None else round(1000 * self.budget * frame, 2),
                 "predicted_tick_ms": round(1000 * self.predicted_seconds(), 3), "overhead": round(self.overhead, 3)}
 
@@ -354,9 +355,8 @@ class Engine:
                 group.pool.release(slot)
                 group.admitted -= 1
                 raise EngineSaturated("the composer has all its slots in use; retry later") from None
-            controls = {}
-        if voice is not None:
             composer.pool.reset(voice.slot)
+            controls = {}
         group.rings.reset(slot)
         group.controls.reset(slot, controls)
         group.composed[slot] = voice is not None

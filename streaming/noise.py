@@ -11,6 +11,8 @@ width / 2^20 of pairs), which a noise input does not hear.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 TABLE_BITS = 20
@@ -47,3 +49,9 @@ class NoiseTable:
         with np.errstate(over="ignore"):
             h = mix(keys ^ (frames.astype(np.uint64) * _GOLDEN))
         out[...] = self.windows[(h >> self._shift).astype(np.intp)]  # (np.take would copy the whole view)
+
+
+@functools.cache
+def shared_table(width: int) -> NoiseTable:
+    """One table per width for the process: it is the same for every model of that width (and read-only)."""
+    return NoiseTable(width)
