@@ -27,14 +27,14 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from daemon.cli import write_wav  # noqa: E402
-from daemon.midi import write_midi  # noqa: E402
-from models.quality import count_clicks  # noqa: E402
-from models.store import ModelStore  # noqa: E402
-from streaming.composer import ComposerGroup, ComposerModel, Note, Voice  # noqa: E402
-from streaming.engine import compose  # noqa: E402
-from streaming.model import FrameModel  # noqa: E402
-from streaming.notes import Scale, note_name  # noqa: E402
+from wavecast.daemon.cli import write_wav  # noqa: E402
+from wavecast.daemon.midi import write_midi  # noqa: E402
+from wavecast.models.quality import count_clicks  # noqa: E402
+from wavecast.models.store import ModelStore  # noqa: E402
+from wavecast.streaming.composer import ComposerGroup, ComposerModel, Note, Voice  # noqa: E402
+from wavecast.streaming.engine import compose  # noqa: E402
+from wavecast.streaming.model import FrameModel  # noqa: E402
+from wavecast.streaming.notes import Scale, note_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

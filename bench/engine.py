@@ -33,11 +33,11 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from streaming.analysis import estimate_f0  # noqa: E402
-from streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Stream, render  # noqa: E402
-from streaming.model import FrameModel, cuda_present, session_options  # noqa: E402
-from streaming.noise import NoiseTable, stream_key  # noqa: E402
-from streaming.ring import Reader  # noqa: E402
+from wavecast.streaming.analysis import estimate_f0  # noqa: E402
+from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Stream, render  # noqa: E402
+from wavecast.streaming.model import FrameModel, cuda_present, session_options  # noqa: E402
+from wavecast.streaming.noise import NoiseTable, stream_key  # noqa: E402
+from wavecast.streaming.ring import Reader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,7 @@ def bench_torch(model: FrameModel, batches: list[int], seconds: float, max_iters
     try:
         import torch
 
-        from models.instrument import Instrument, InstrumentConfig
+        from wavecast.models.instrument import Instrument, InstrumentConfig
     except ImportError as e:
         return {"skipped": f"torch not importable ({e})"}
     m = model.manifest
@@ -379,7 +379,7 @@ def bench_control_latency(model: FrameModel, reps: int, load: int, buffer_frames
 def bench_smoothing(model: FrameModel, taus_ms: list[float]) -> list[dict]:
     """Clicks (models.quality.count_clicks) made by control steps at each smoothing time constant: f0 jumps
     of a fifth and an octave at three registers, loudness steps of 30 dB up and down."""
-    from models.quality import count_clicks
+    from wavecast.models.quality import count_clicks
 
     m, rows = model.manifest, []
     steps = {"f0": [(110.0, 220.0), (220.0, 330.0), (440.0, 880.0), (880.0, 440.0)],

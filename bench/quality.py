@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from models import data, quality
-from models.store import QUALITY_TARGETS, default_work, meets
-from streaming.model import FrameModel
+from wavecast.models import data, quality
+from wavecast.models.store import QUALITY_TARGETS, default_work, meets
+from wavecast.streaming.model import FrameModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "shipped"

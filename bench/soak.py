@@ -29,9 +29,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from streaming.engine import BUDGET, Engine, EngineSaturated, Stream  # noqa: E402
-from streaming.model import FrameModel  # noqa: E402
-from streaming.ring import Reader  # noqa: E402
+from wavecast.streaming.engine import BUDGET, Engine, EngineSaturated, Stream  # noqa: E402
+from wavecast.streaming.model import FrameModel  # noqa: E402
+from wavecast.streaming.ring import Reader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKET = 960

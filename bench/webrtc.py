@@ -30,12 +30,12 @@ import aiortc
 import numpy as np
 from aiortc.mediastreams import MediaStreamError
 
-from daemon.client import Listener
-from models.store import SHIPPED
-from streaming.analysis import estimate_f0, rms_db
-from streaming.engine import BUFFER_FRAMES, render
-from streaming.model import FrameModel
 from tests.conftest import Server, start_server, stop_server
+from wavecast.daemon.client import Listener
+from wavecast.models.store import SHIPPED
+from wavecast.streaming.analysis import estimate_f0, rms_db
+from wavecast.streaming.engine import BUFFER_FRAMES, render
+from wavecast.streaming.model import FrameModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 48_000

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import wave
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,22 @@ def parse_change(text: str) -> tuple[float, tuple[str, float | str]]:
     return seconds, parse_control(control)
 
 
+def number(kind: type, low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a `kind` (int or float) in [low, high], refused in words otherwise."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {what}; give {what} from {low:g} to {high:g}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {what} from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -61,21 +79,42 @@ def is_loopback(host: str) -> bool:
 
 
 # -- serve ------------------------------------------------------------------------------------------
-async def serve(args: argparse.Namespace) -> None:
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file or WAVECAST_TOKEN (never from argv, where `ps` shows it)."""
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text().splitlines()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read --token-file {args.token_file} ({e.strerror}); give a readable "
+                             "file whose first line is the token") from None
+        token = lines[0].strip() if lines else ""
+        if len(token) < 16:
+            raise SystemExit(f"error: the token in {args.token_file} is shorter than 16 characters; write a longer "
+                             "one (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe())')")
+        return token
+    return os.environ.get("WAVECAST_TOKEN") or None
+
+
+async def serve(args: argparse.Namespace, token: str | None) -> None:
     from aiohttp import web
 
-    from daemon.app import Daemon, make_app
-    from daemon.peers import use_ice_host
-    from models.store import ModelStore
+    from wavecast.daemon.api import Guard
+    from wavecast.daemon.app import make_app
+    from wavecast.daemon.limits import Limits
+    from wavecast.daemon.peers import use_ice_host
+    from wavecast.daemon.service import Daemon
+    from wavecast.models.store import ModelStore
 
     if args.ice_host:
         use_ice_host(args.ice_host)
-    daemon = Daemon(ModelStore(args.store), buffer_frames=args.buffer_frames, max_streams=args.max_streams,
-                    budget=args.tick_budget, encode_budget=args.encode_budget,
-                    max_peers_per_stream=args.max_peers_per_stream, token=args.token)
+    limits = Limits(**{name: getattr(args, name) for name in asdict(Limits())})
+    guard = Guard(bound=args.host.strip("[]").lower(), hosts=frozenset(h.lower() for h in args.allow_host),
+                  origins=frozenset(o.rstrip("/") for o in args.allow_origin), token=token)
+    daemon = Daemon(ModelStore(args.store), limits=limits, guard=guard, buffer_frames=args.buffer_frames,
+                    budget=args.tick_budget, encode_budget=args.encode_budget)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
-    runner = web.AppRunner(make_app(daemon), access_log=None)
+    runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -83,41 +122,40 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"wavecast serving http://{args.host}:{port} (model '{args.model}')", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second SIGTERM or Ctrl-C: no more draining
+            print("wavecast: stopping now", file=sys.stderr, flush=True)
+            os._exit(1)
+        print("wavecast: draining (telling listeners, closing devices); signal again to stop at once",
+              file=sys.stderr, flush=True)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
+    await daemon.shutdown()  # listeners hear why before the server goes
     await runner.cleanup()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from streaming.engine import MAX_BUFFER_FRAMES
-
-    if not 2 <= args.buffer_frames <= MAX_BUFFER_FRAMES:
-        print(f"error: --buffer-frames must be 2-{MAX_BUFFER_FRAMES}: a WebRTC packet takes 20 ms (2 frames) at once",
-              file=sys.stderr)
+    token = read_token(args)
+    if not is_loopback(args.host) and not token:
+        print(f"error: listening on {args.host}, beyond this machine, needs a token: set WAVECAST_TOKEN or pass "
+              "--token-file FILE; clients then send 'Authorization: Bearer TOKEN'", file=sys.stderr)
         return 2
-    if not 0.05 <= args.tick_budget <= 1.0:
-        print("error: --tick-budget is a share of a frame, 0.05-1.0 (0.7 leaves 30 % for load spikes)", file=sys.stderr)
-        return 2
-    if not 0 < args.encode_budget <= 1.0:
-        print("error: --encode-budget is a share of the encoding thread's time, above 0 and at most 1", file=sys.stderr)
-        return 2
-    args.token = args.token or os.environ.get("WAVECAST_TOKEN")
-    if not is_loopback(args.host) and not args.token:
-        print(f"error: binding to non-loopback {args.host} needs --token (or WAVECAST_TOKEN); clients then send "
-              "'Authorization: Bearer <token>'", file=sys.stderr)
-        return 2
-    from daemon.app import ApiError
+    from wavecast.daemon.api import ApiError
 
     try:
-        uvloop.run(serve(args))
+        uvloop.run(serve(args, token))
     except ApiError as e:  # the start-up model is unknown or unusable
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port} ({e}); pick another --port", file=sys.stderr)
+        print(f"error: cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port or "
+              "--host", file=sys.stderr)
         return 2
     return 0
 
@@ -133,11 +171,11 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from models.store import ModelStore
-    from streaming.composer import ComposerModel, validate_controls
-    from streaming.controls import ControlError, validate
-    from streaming.engine import compose
-    from streaming.model import FrameModel, ModelError
+    from wavecast.models.store import ModelStore
+    from wavecast.streaming.composer import ComposerModel, validate_controls
+    from wavecast.streaming.controls import ControlError, validate
+    from wavecast.streaming.engine import compose
+    from wavecast.streaming.model import FrameModel, ModelError
 
     store = ModelStore(args.store)
     try:
@@ -166,7 +204,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     what = f"'{m.name}' v{m.version}" + (f" composed by '{args.composer}'" if composer else "")
     print(f"wrote {args.out}: {args.seconds:g} s of {what}, seed {args.seed}", file=sys.stderr)
     if args.midi:
-        from daemon.midi import write_midi
+        from wavecast.daemon.midi import write_midi
 
         write_midi(args.midi, notes, m.frame_seconds, int(m.source.get("gm_program", 0)))
         print(f"wrote {args.midi}: {sum(n.midi is not None for n in notes)} notes", file=sys.stderr)
@@ -177,7 +215,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def run_torch_command(module: str, args: argparse.Namespace) -> int:
     """Run `models.<module>.run`, a command that needs torch (the 'train' extra), or say how to install it."""
     try:
-        command = importlib.import_module(f"models.{module}")
+        command = importlib.import_module(f"wavecast.models.{module}")
     except ImportError as e:
         print(f"error: this command needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
         return 2
@@ -194,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from models.store import ModelStore
+    from wavecast.models.store import ModelStore
 
     store = ModelStore(args.store)
     latest = store.latest()
@@ -210,7 +248,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from daemon.device import DeviceError, list_outputs
+    from wavecast.daemon.device import DeviceError, list_outputs
 
     try:
         outputs = list_outputs()
@@ -251,7 +289,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train composer' (consumed by models.train_composer.run)."""
-    from models.corpus import COLLECTIONS, SHIPPABLE
+    from wavecast.models.corpus import COLLECTIONS, SHIPPABLE
 
     p.add_argument("--name", default="folk", help="model name to publish under (default: %(default)s)")
     p.add_argument("--collections", nargs="+", choices=list(COLLECTIONS), default=list(SHIPPABLE),
@@ -272,7 +310,8 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from streaming.engine import BUDGET, BUFFER_FRAMES, MAX_BUFFER_FRAMES, MAX_STREAMS
+    from wavecast.daemon.limits import Limits
+    from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, MAX_BUFFER_FRAMES, MAX_STREAMS
 
     p = argparse.ArgumentParser(prog="wavecast", description="Real-time generative audio from stateful LSTM models.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -280,29 +319,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_help = "trained-model store (default $XDG_DATA_HOME/wavecast/models); shipped models are always there"
 
-    s = sub.add_parser("serve", help="run the daemon: HTTP API, WebRTC, device output",
+    s = sub.add_parser("serve", help="run the daemon: HTTP API, WebRTC, device output", allow_abbrev=False,
                        description="Run the daemon. Streams play a model live to WebRTC peers and sound devices.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    s.add_argument("--port", type=int, default=8765, help="TCP port, 0 picks a free one (default: %(default)s)")
+    s.add_argument("--port", type=number(int, 0, 65535), default=8765,
+                   help="TCP port, 0 picks a free one (default: %(default)s)")
     s.add_argument("--store", type=Path, help=store_help)
     s.add_argument("--model", default="default", help="model to load and check at start (default: %(default)s)")
     s.add_argument("--ice-host", help="offer this address as the only ICE host candidate, e.g. 127.0.0.1 for "
                                       "local clients (aioice leaves loopback out otherwise)")
-    s.add_argument("--buffer-frames", type=int, default=BUFFER_FRAMES,
+    s.add_argument("--buffer-frames", type=number(int, 2, MAX_BUFFER_FRAMES), default=BUFFER_FRAMES,
                    help="frames (10 ms each) a stream starts generating ahead of its hungriest listener; it grows by "
-                        f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns (default: %(default)s)")
-    s.add_argument("--max-streams", type=int, default=MAX_STREAMS,
-                   help="hard limit on streams; below it admission control refuses (503) a stream that would push "
-                        "the tick past --tick-budget (default: %(default)s)")
-    s.add_argument("--tick-budget", type=float, default=BUDGET, metavar="FRACTION",
+                        f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns; at least 2, as a WebRTC "
+                        "packet takes 20 ms at once (default: %(default)s)")
+    s.add_argument("--tick-budget", type=number(float, 0.05, 1.0), default=BUDGET, metavar="FRACTION",
                    help="share of each 10 ms frame the predicted tick may take before new streams are refused "
                         "(default: %(default)s)")
-    s.add_argument("--encode-budget", type=float, default=BUDGET, metavar="FRACTION",
+    s.add_argument("--encode-budget", type=number(float, 0.0001, 1.0), default=BUDGET, metavar="FRACTION",
                    help="busy share of the Opus encoding thread past which a WebRTC offer that needs a new encoder "
                         "is refused with 503 (joining a stream that has one is not) (default: %(default)s)")
-    s.add_argument("--max-peers-per-stream", type=int, default=64,
-                   help="WebRTC peers one stream takes; they share its one Opus encoding (default: %(default)s)")
-    s.add_argument("--token", help="bearer token required from clients; needed for non-loopback --host")
+    limits = s.add_argument_group("limits", "what one daemon takes at most (all exported in /metrics)")
+    limit_help = {
+        "max_streams": "streams; below it admission control refuses (503) a stream that would push the tick past "
+                       "--tick-budget",
+        "max_peers": "WebRTC peer connections, all streams together",
+        "max_peers_per_stream": "WebRTC peers of one stream; they share its one Opus encoding",
+        "max_devices": "streams playing on sound devices at once",
+        "max_models": "model versions loaded at once, instruments and composers together",
+        "stream_rate": "stream creations a second per client address (429 with Retry-After beyond)",
+        "stream_burst": "stream creations a client may make at once before --stream-rate applies",
+        "message_rate": "data-channel messages a second per WebRTC peer (an error reply beyond)",
+        "message_burst": "data-channel messages a peer may send at once before --message-rate applies",
+    }
+    for name, value in asdict(Limits()).items():
+        kind, low, high = (int, 1, MAX_STREAMS if name == "max_streams" else 100_000) if isinstance(value, int) \
+            else (float, 0.01, 10_000.0)
+        limits.add_argument(f"--{name.replace('_', '-')}", type=number(kind, low, high), default=value,
+                            help=f"{limit_help[name]} (default: %(default)s)")
+    access = s.add_argument_group("access", "who may use the API (see README: Security)")
+    access.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="file whose first line is the bearer token clients must send (Authorization: Bearer); "
+                             "or set WAVECAST_TOKEN. Required with a non-loopback --host")
+    access.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web page origin (e.g. http://localhost:3000) that may call the API and gets CORS "
+                             "headers; repeatable. Pages the daemon serves itself are always allowed")
+    access.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a Host name clients may use besides loopback names and --host (e.g. the machine's "
+                             "DNS name); repeatable. Other names are refused (DNS rebinding)")
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("render", help="write a stream to a WAV file, reproducibly",

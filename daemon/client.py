@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from daemon.peers import use_ice_host
+from wavecast.daemon.peers import use_ice_host
 
 
 class Listener:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from streaming.engine import Engine, Stream
+from wavecast.streaming.engine import Engine, Stream
 
 BLOCK_FRAMES = 480  # samples per callback: one model frame, 10 ms at 48 kHz
 
@@ -42,9 +42,13 @@ class DeviceOutput:
         self.engine = engine
         try:
             info = sd.query_devices(device, "output")
-        except (ValueError, sd.PortAudioError) as e:
-            names = ", ".join(f"{d['index']}: {d['name']}" for d in list_outputs()) or "none"
-            raise DeviceError(f"no output device {device!r} ({e}); outputs: {names}") from None
+        except (ValueError, sd.PortAudioError):
+            names = "; ".join(f"{d['index']}: {d['name']}" for d in list_outputs())
+            if not names:
+                raise DeviceError("this machine has no sound output that PortAudio can open; check the sound "
+                                  "card or ALSA's configuration ('wavecast devices' lists outputs)") from None
+            what = "there is no default output device" if device is None else f"no output device is '{device}'"
+            raise DeviceError(f"{what}; name one of these by index or name: {names}") from None
         self.device = {"index": info["index"], "name": info["name"]}
         self.channels = min(2, info["max_output_channels"])
         self._block = np.zeros(BLOCK_FRAMES * 4, np.float32)
@@ -57,7 +61,8 @@ class DeviceOutput:
             self._out.start()
         except sd.PortAudioError as e:
             stream.unlisten(self.reader)
-            raise DeviceError(f"cannot open output {self.device['name']!r}: {e}") from None
+            raise DeviceError(f"cannot open output '{self.device['name']}' (PortAudio: {e}); pick another output "
+                              "('wavecast devices' lists them)") from None
 
     def _callback(self, outdata: np.ndarray, frames: int, time: Any, status: Any) -> None:
         block = self._block[:frames] if frames <= len(self._block) else np.zeros(frames, np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from streaming.composer import Note
+from wavecast.streaming.composer import Note
 
 TICKS_PER_QUARTER = 480
 _TEMPO_US = 500_000  # the file's own clock: 120 quarters a minute, so a tick is 1/960 s

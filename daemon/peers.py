@@ -37,7 +37,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from streaming.engine import Engine, Stream, describe
+from wavecast.streaming.engine import Engine, Stream, describe
 
 PACKET_SAMPLES = 960  # 20 ms at 48 kHz: one Opus packet
 SAMPLE_RATE = 48_000

@@ -23,8 +23,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from streaming.model import BATCH, GRAPH, file_sha256, session_options
-from streaming.notes import DURATIONS, FEATURES, PITCH_TOKENS, START
+from wavecast.streaming.model import BATCH, GRAPH, file_sha256, session_options
+from wavecast.streaming.notes import DURATIONS, FEATURES, PITCH_TOKENS, START
 
 OPSET = 17
 STATE_NAMES = ("h", "c")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from streaming.notes import Scale
+from wavecast.streaming.notes import Scale
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import mido
 import numpy as np
 
-from models import corpus
+from wavecast.models import corpus
 
 SAMPLE_RATE = 48_000  # Hz
 HOP = 480  # samples per frame (10 ms)

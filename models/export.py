@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.instrument import STATE_NAMES, Instrument
-from streaming.analysis import estimate_f0
-from streaming.model import BATCH, GRAPH, FrameModel, file_sha256
+from wavecast.models.instrument import STATE_NAMES, Instrument
+from wavecast.streaming.analysis import estimate_f0
+from wavecast.streaming.model import BATCH, GRAPH, FrameModel, file_sha256
 
 OPSET = 17
 

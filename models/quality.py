@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, Performance, loudness_db
-from streaming.analysis import estimate_f0
-from streaming.engine import render
-from streaming.model import FrameModel
+from wavecast.models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, Performance, loudness_db
+from wavecast.streaming.analysis import estimate_f0
+from wavecast.streaming.engine import render
+from wavecast.streaming.model import FrameModel
 
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # also the training loss's (models/train.py)
 

@@ -26,12 +26,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from models import data, quality
-from models.export import control_path, export_onnx, state_shapes, verify_parity, verify_pitch
-from models.instrument import Instrument, InstrumentConfig
-from models.store import gate
-from models.train import CONTROL_SMOOTHING_SECONDS
-from streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, file_sha256
+from wavecast.models import data, quality
+from wavecast.models.export import control_path, export_onnx, state_shapes, verify_parity, verify_pitch
+from wavecast.models.instrument import Instrument, InstrumentConfig
+from wavecast.models.store import gate
+from wavecast.models.train import CONTROL_SMOOTHING_SECONDS
+from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, file_sha256
 
 ORIGIN_LIMIT = 1e-5  # max |torch - ORT| of the weights read back, run as the graph they came from (~1e-6)
 PARITY_LIMIT = 1e-4  # max |torch - ORT| of the new graph, where the manifest names no limit (as training)
@@ -212,8 +212,8 @@ def reexport(source: Path, out: Path, command: str, revision: str, work: Path | 
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> list[dict]:
-    from models.store import default_work
-    from models.train import code_revision
+    from wavecast.models.store import default_work
+    from wavecast.models.train import code_revision
 
     torch.set_num_threads(args.threads)
     revision = code_revision()

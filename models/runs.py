@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.store import ModelStore, gate
+from wavecast.models.store import ModelStore, gate
 
 CHECKPOINT_EVERY = 100  # steps
 PROGRESS_EVERY = 25  # steps between progress lines, each with the mean loss over them

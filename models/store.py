@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, ModelError
+from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, ModelError
 
 SHIPPED = Path(__file__).parent / "shipped"
 # Quality gates written into each trained manifest's verification block, read back at publish time:
@@ -126,7 +126,7 @@ class ModelStore:
             published = replace(manifest, version=version, onnx={**manifest.onnx, "file": GRAPH})
             published.write(staging)
             if manifest.kind == "composer":  # the contract check, exactly as the daemon will load it
-                from streaming.composer import ComposerModel
+                from wavecast.streaming.composer import ComposerModel
 
                 ComposerModel(staging)
             else:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import corpus, data, instrument, quality
-from models.export import export_onnx, state_shapes, verify_parity, verify_pitch
-from models.instrument import Instrument, InstrumentConfig
-from models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
-from models.store import QUALITY_TARGETS, default_work
-from streaming.model import FrameModel, Manifest
+from wavecast.models import corpus, data, instrument, quality
+from wavecast.models.export import export_onnx, state_shapes, verify_parity, verify_pitch
+from wavecast.models.instrument import Instrument, InstrumentConfig
+from wavecast.models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
+from wavecast.models.store import QUALITY_TARGETS, default_work
+from wavecast.streaming.model import FrameModel, Manifest
 
 PARITY_LIMIT = 1e-4  # max |torch - ORT| audio over the stateful parity run
 PITCH_LIMIT = 0.01  # max relative f0 error of constant-pitch renders

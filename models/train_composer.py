@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import composer, corpus
-from models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
-from models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
-from models.store import default_work
-from models.train import code_revision
-from streaming import notes
-from streaming.composer import ComposerModel
-from streaming.model import Manifest
-from streaming.notes import DURATIONS, FEATURES, MODES, PITCH_HIGH, PITCH_LOW, PITCH_TOKENS, START, Scale
+from wavecast.models import composer, corpus
+from wavecast.models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
+from wavecast.models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
+from wavecast.models.store import default_work
+from wavecast.models.train import code_revision
+from wavecast.streaming import notes
+from wavecast.streaming.composer import ComposerModel
+from wavecast.streaming.model import Manifest
+from wavecast.streaming.notes import DURATIONS, FEATURES, MODES, PITCH_HIGH, PITCH_LOW, PITCH_TOKENS, START, Scale
 
 PARITY_LIMIT = 1e-4  # max |torch - ORT| logits over the stateful parity run
 PARITY_STEPS = 96

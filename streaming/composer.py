@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from streaming.controls import ControlError
-from streaming.model import MANIFEST, Manifest, ModelError, StatePool, checked_graph, session_options
-from streaming.notes import (
+from wavecast.streaming.controls import ControlError
+from wavecast.streaming.model import MANIFEST, Manifest, ModelError, StatePool, checked_graph, session_options
+from wavecast.streaming.notes import (
     DURATIONS,
     FEATURES,
     MODES,
@@ -78,27 +78,30 @@ def control_defaults() -> dict[str, Any]:
 def validate_controls(values: object) -> dict[str, Any]:
     """Checked composer controls by name; raises ControlError naming the first bad one."""
     if not isinstance(values, Mapping):
-        raise ControlError(f"'controls' must be an object, got {type(values).__name__}")
+        raise ControlError("'controls' must be an object of name: value, e.g. {\"tempo\": 96}")
     checked: dict[str, Any] = {}
     for name, value in values.items():
         if name in NUMBERS:
             c = NUMBERS[name]
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ControlError(f"control '{name}' must be a finite number, got {value!r}")
+                raise ControlError(f"control '{name}' must be a finite number ({c.min:g} to {c.max:g}, {c.unit})")
             if not c.min <= value <= c.max:
-                raise ControlError(f"control '{name}' = {value} is outside [{c.min:g}, {c.max:g}] ({c.unit})")
+                raise ControlError(f"control '{name}' = {value:g} is outside [{c.min:g}, {c.max:g}] ({c.unit}); send a "
+                                   "value in that range")
             if c.integer and value != int(value):
-                raise ControlError(f"control '{name}' must be a whole number, got {value!r}")
+                raise ControlError(f"control '{name}' must be a whole number from {c.min:g} to {c.max:g}")
             checked[name] = int(value) if c.integer else float(value)
         elif name == "scale":
             try:
-                checked[name] = str(Scale.parse(value)) if isinstance(value, str) else Scale.parse("")
+                if not isinstance(value, str):
+                    raise ValueError("it must be text: a tonic and a mode, e.g. 'D dorian'")
+                checked[name] = str(Scale.parse(value))
             except ValueError as e:
                 raise ControlError(f"control 'scale': {e}") from None
         elif name in ("register", "metre"):
             allowed = REGISTERS if name == "register" else METRES
-            if value not in allowed:
-                raise ControlError(f"control '{name}' must be one of {', '.join(allowed)}, got {value!r}")
+            if not isinstance(value, str) or value not in allowed:
+                raise ControlError(f"control '{name}' must be one of {', '.join(allowed)}")
             checked[name] = value
         else:
             known = ", ".join([*NUMBERS, *CHOICES])

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from streaming.model import Manifest
+from wavecast.streaming.model import Manifest
 
 
 class ControlError(ValueError):
@@ -17,7 +17,7 @@ class ControlError(ValueError):
 def validate(manifest: Manifest, values: object) -> dict[str, float]:
     """Checked control values by name; raises ControlError naming the first bad one."""
     if not isinstance(values, Mapping):
-        raise ControlError(f"'controls' must be an object of name: number, got {type(values).__name__}")
+        raise ControlError("'controls' must be an object of name: number, e.g. {\"f0\": 440}")
     known = {c.name: c for c in manifest.controls}
     checked = {}
     for name, value in values.items():
@@ -25,11 +25,12 @@ def validate(manifest: Manifest, values: object) -> dict[str, float]:
         if ctl is None:
             raise ControlError(f"unknown control '{name}'; model '{manifest.name}' takes {', '.join(known)}")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ControlError(f"control '{name}' must be a number, got {value!r}")
+            raise ControlError(f"control '{name}' must be a number ({ctl.unit}, {ctl.min:g} to {ctl.max:g})")
         if not math.isfinite(value):
-            raise ControlError(f"control '{name}' must be finite, got {value!r}")
+            raise ControlError(f"control '{name}' must be a finite number ({ctl.min:g} to {ctl.max:g} {ctl.unit})")
         if not ctl.min <= value <= ctl.max:
-            raise ControlError(f"control '{name}' = {value} is outside [{ctl.min:g}, {ctl.max:g}] {ctl.unit}")
+            raise ControlError(f"control '{name}' = {value:g} is outside [{ctl.min:g}, {ctl.max:g}] {ctl.unit}; "
+                               "send a value in that range")
         checked[name] = float(value)
     return checked
 

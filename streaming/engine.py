@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from streaming.composer import ComposerGroup, ComposerModel, Note, Voice
-from streaming.controls import Controls
-from streaming.model import FrameModel, Manifest, PoolFull, StatePool
-from streaming.noise import shared_table, stream_key
-from streaming.ring import Reader, Rings
+from wavecast.streaming.composer import ComposerGroup, ComposerModel, Note, Voice
+from wavecast.streaming.controls import Controls
+from wavecast.streaming.model import FrameModel, Manifest, PoolFull, StatePool
+from wavecast.streaming.noise import shared_table, stream_key
+from wavecast.streaming.ring import Reader, Rings
 
 log = logging.getLogger("wavecast.engine")
 BUFFER_FRAMES = 3  # target fill a stream starts with: 30 ms generated ahead of its hungriest listener

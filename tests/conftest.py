@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from models.store import SHIPPED
-from streaming.model import FrameModel
+from wavecast.models.store import SHIPPED
+from wavecast.streaming.model import FrameModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def wavecast_command() -> list[str]:
     """The installed console script where there is one, else the same entry point through python -m."""
     exe = shutil.which("wavecast")
-    return [exe] if exe else [sys.executable, "-m", "daemon.cli"]
+    return [exe] if exe else [sys.executable, "-m", "wavecast.daemon"]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from streaming.model import file_sha256
+from wavecast.streaming.model import file_sha256
 
 SR, HOP = 48_000, 480
 MARK_DB = 0.0

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.engine import Engine, EngineSaturated
-from streaming.model import FrameModel
 from tests.conftest import start_server, stop_server
+from wavecast.streaming.engine import Engine, EngineSaturated
+from wavecast.streaming.model import FrameModel
 
 PACKET = 960  # what a WebRTC sender takes every 20 ms
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streaming.engine import BUFFER_FRAMES
+from wavecast.streaming.engine import BUFFER_FRAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shipped" / "default"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.analysis import estimate_f0
 from tests.conftest import ROOT, wavecast_command
+from wavecast.streaming.analysis import estimate_f0
 
 
 def wavecast(*args: str) -> subprocess.CompletedProcess:
@@ -82,11 +82,29 @@ def test_models_lists_the_shipped_default() -> None:
     assert result.returncode == 0 and "default" in result.stdout and "shipped" in result.stdout
 
 
-def test_serve_refuses_a_buffer_smaller_than_a_webrtc_packet() -> None:
-    result = wavecast("serve", "--port", "0", "--buffer-frames", "1")
-    assert result.returncode == 2 and "--buffer-frames must be 2-12" in result.stderr
-    result = wavecast("serve", "--port", "0", "--tick-budget", "1.5")
-    assert result.returncode == 2 and "--tick-budget is a share of a frame" in result.stderr
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--buffer-frames", "1", "argument --buffer-frames: 1 is out of range; give a whole number from 2 to 12"),
+    ("--tick-budget", "1.5", "argument --tick-budget: 1.5 is out of range; give a number from 0.05 to 1"),
+    ("--port", "99999", "argument --port: 99999 is out of range; give a whole number from 0 to 65535"),
+    ("--port", "http", "argument --port: 'http' is not a whole number; give a whole number from 0 to 65535"),
+    ("--max-peers", "0", "argument --max-peers: 0 is out of range"),
+    ("--stream-rate", "nan", "argument --stream-rate: nan is out of range"),
+])
+def test_serve_checks_the_range_of_its_flags(flag: str, value: str, expected: str) -> None:
+    result = wavecast("serve", flag, value)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_serve_takes_no_token_on_the_command_line(tmp_path: Path) -> None:
+    """A token in argv shows in `ps`: it comes from WAVECAST_TOKEN or a file."""
+    result = wavecast("serve", "--token", "secret-secret-secret")
+    assert result.returncode == 2 and "unrecognized arguments: --token" in result.stderr
+    short = tmp_path / "token"
+    short.write_text("abc\n")
+    result = wavecast("serve", "--port", "0", "--token-file", str(short))
+    assert result.returncode != 0 and "shorter than 16 characters" in result.stderr
+    result = wavecast("serve", "--port", "0", "--host", "0.0.0.0")
+    assert result.returncode == 2 and "needs a token" in result.stderr
 
 
 def test_serve_refuses_to_start_on_an_unknown_model() -> None:

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.client import Listener
-from models.quality import count_clicks
-from models.store import SHIPPED
-from streaming.analysis import estimate_f0
-from streaming.composer import ComposerModel, Note
-from streaming.engine import compose
-from streaming.model import FrameModel
-from streaming.notes import Scale
 from tests.conftest import Server
+from wavecast.daemon.client import Listener
+from wavecast.models.quality import count_clicks
+from wavecast.models.store import SHIPPED
+from wavecast.streaming.analysis import estimate_f0
+from wavecast.streaming.composer import ComposerModel, Note
+from wavecast.streaming.engine import compose
+from wavecast.streaming.model import FrameModel
+from wavecast.streaming.notes import Scale
 
 SR, HOP = 48_000, 480
 COMPOSER_DIR = Path(os.environ.get("WAVECAST_TEST_COMPOSER", SHIPPED / "folk"))
@@ -194,7 +194,7 @@ def test_composer_api_errors(server: Server) -> None:
         ({"model": "violin", "composer": "violin"}, 422, "wrong_model_kind"),
         ({"model": "violin", "composer": "folk", "controls": {"scale": "H major"}}, 422, "invalid_control"),
         ({"model": "violin", "composer": "folk", "controls": {"top_k": 2.5}}, 422, "invalid_control"),
-        ({"model": "violin", "composer": "folk", "controls": {"tempo": float("inf")}}, 422, "invalid_control"),
+        ({"model": "violin", "composer": "folk", "controls": {"tempo": float("inf")}}, 400, "malformed_json"),
         ({"model": "violin", "composer": "folk", "controls": {"f0": 440}}, 422, "invalid_control"),
     ]
     for body, status, code in cases:
@@ -205,7 +205,7 @@ def test_composer_api_errors(server: Server) -> None:
     assert status == 422 and reply["error"]["code"] == "invalid_action"
     composed = server.request("POST", "/v1/streams", {"model": "violin", "composer": "folk"})[1]["id"]
     status, reply = server.request("PATCH", f"/v1/streams/{composed}", {"action": "rewind"})
-    assert status == 422 and reply["error"]["code"] == "invalid_action"
+    assert status == 422 and reply["error"]["code"] == "invalid_request" and "'action'" in reply["error"]["message"]
     status, reply = server.request("PATCH", f"/v1/streams/{composed}", {"controls": {"tempo": 70}, "action": "reset"})
     assert status == 200 and reply["controls"]["tempo"] == 70
     status, models = server.request("GET", "/v1/models")

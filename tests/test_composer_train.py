@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.store import ModelStore, gate
-from streaming.model import ModelError
 from tests.conftest import ROOT, wavecast_command
+from wavecast.models.store import ModelStore, gate
+from wavecast.streaming.model import ModelError
 
 pytest.importorskip("torch", reason="training needs the 'train' extra: pip install -e '.[train]'")
 
@@ -34,9 +34,9 @@ def test_gate_refuses_a_composer_that_does_not_beat_the_bigram() -> None:
 
 
 def test_song_sequence_shifts_one_event_and_transposes() -> None:
-    from models.corpus import Tune
-    from models.train_composer import Song
-    from streaming.notes import FEATURES, PITCH_TOKENS, START, duration_token, pitch_token
+    from wavecast.models.corpus import Tune
+    from wavecast.models.train_composer import Song
+    from wavecast.streaming.notes import FEATURES, PITCH_TOKENS, START, duration_token, pitch_token
 
     tune = Tune("t#1", "miscFolk", "D dorian", "6/8", 3.0, 2.5,
                 [(62, 0.5), (64, 0.5), (None, 1.0), (93, 1.5), (65, 0.5)])
@@ -51,7 +51,7 @@ def test_song_sequence_shifts_one_event_and_transposes() -> None:
 
 
 def test_export_matches_torch_step_by_step(tmp_path: Path) -> None:
-    from models.composer import Composer, ComposerConfig, export_onnx, verify_parity
+    from wavecast.models.composer import Composer, ComposerConfig, export_onnx, verify_parity
 
     model = Composer(ComposerConfig(hidden=32, layers=2, pitch_embed=8, duration_embed=4))
     onnx = export_onnx(model, tmp_path)
@@ -62,8 +62,8 @@ def test_export_matches_torch_step_by_step(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_training_writes_a_verified_composer(tmp_path: Path) -> None:
-    from streaming.composer import ComposerModel
-    from streaming.notes import DURATIONS, FEATURES, PITCH_TOKENS, START
+    from wavecast.streaming.composer import ComposerModel
+    from wavecast.streaming.notes import DURATIONS, FEATURES, PITCH_TOKENS, START
 
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [*wavecast_command(), "train", "composer", "--quick", "--threads", "1", "--work", str(work),

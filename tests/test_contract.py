@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.store import ModelStore
-from streaming.model import FrameModel, Manifest, ModelError, file_sha256
+from wavecast.models.store import ModelStore
+from wavecast.streaming.model import FrameModel, Manifest, ModelError, file_sha256
 
 
 def copy_model(src: Path, dst: Path) -> Path:

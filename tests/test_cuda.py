@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.engine import Engine, render
-from streaming.model import FrameModel, cuda_present
+from wavecast.streaming.engine import Engine, render
+from wavecast.streaming.model import FrameModel, cuda_present
 
 pytestmark = pytest.mark.skipif(not cuda_present(), reason="no CUDA device (libcuda.so.1 or the CUDA provider)")
 

@@ -6,7 +6,7 @@ import mido
 import numpy as np
 import pytest
 
-from models import corpus, data
+from wavecast.models import corpus, data
 
 if shutil.which("fluidsynth") is None or not data.SOUNDFONT.exists():
     pytest.skip("needs the fluidsynth binary and /usr/share/sounds/sf2/FluidR3_GM.sf2 "

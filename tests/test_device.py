@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.analysis import estimate_f0
 from tests.conftest import ROOT, start_server, stop_server, wavecast_command
+from wavecast.streaming.analysis import estimate_f0
 
 SR = 48_000
 ASOUNDRC = """pcm.!default {{

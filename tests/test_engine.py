@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from streaming.analysis import estimate_f0, rms_db
-from streaming.controls import ControlError, Controls, validate
-from streaming.engine import Engine, EngineSaturated, render
-from streaming.model import FrameModel
-from streaming.noise import NoiseTable, stream_key
-from streaming.ring import Rings
+from wavecast.streaming.analysis import estimate_f0, rms_db
+from wavecast.streaming.controls import ControlError, Controls, validate
+from wavecast.streaming.engine import Engine, EngineSaturated, render
+from wavecast.streaming.model import FrameModel
+from wavecast.streaming.noise import NoiseTable, stream_key
+from wavecast.streaming.ring import Rings
 
 SR = 48_000
 

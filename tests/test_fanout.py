@@ -22,12 +22,13 @@ from aiohttp.test_utils import TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
-from daemon.app import Daemon, make_app
-from daemon.client import Listener
-from daemon.peers import PACKET_SAMPLES, PacketTrack, StreamEncoder, use_ice_host
-from models.store import ModelStore
-from streaming.analysis import estimate_f0
 from tests.conftest import Server, start_server, stop_server
+from wavecast.daemon.app import make_app
+from wavecast.daemon.client import Listener
+from wavecast.daemon.peers import PACKET_SAMPLES, PacketTrack, StreamEncoder, use_ice_host
+from wavecast.daemon.service import Daemon
+from wavecast.models.store import ModelStore
+from wavecast.streaming.analysis import estimate_f0
 
 SR = 48_000
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.client import Listener
-from streaming.analysis import estimate_f0, rms_db
-from streaming.engine import Engine, Group, ModelFailed
-from streaming.model import FrameModel
 from tests.conftest import start_server, stop_server
 from tests.faulty import write_faulty_model
+from wavecast.daemon.client import Listener
+from wavecast.streaming.analysis import estimate_f0, rms_db
+from wavecast.streaming.engine import Engine, Group, ModelFailed
+from wavecast.streaming.model import FrameModel
 
 SR, HOP = 48_000, 480
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import data, quality
+from wavecast.models import data, quality
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shipped" / "default"
@@ -37,7 +37,7 @@ def test_spectral_distance_is_zero_for_equal_signals_and_grows_with_noise() -> N
 
 def test_spectral_distance_matches_the_training_loss() -> None:
     torch = pytest.importorskip("torch")
-    train = pytest.importorskip("models.train")
+    train = pytest.importorskip("wavecast.models.train")
     rng = np.random.default_rng(1)
     a = (sine(330, -20, 9600) + 0.01 * rng.standard_normal(9600)).astype(np.float32)
     b = (sine(331, -25, 9600) + 0.02 * rng.standard_normal(9600)).astype(np.float32)

@@ -21,8 +21,8 @@ pytest.importorskip("onnx")
 
 import onnx  # noqa: E402
 
-from models.export import export_onnx  # noqa: E402
-from models.reexport import (  # noqa: E402
+from wavecast.models.export import export_onnx  # noqa: E402
+from wavecast.models.reexport import (  # noqa: E402
     EQUIVALENCE_SNR_DB,
     equivalence,
     graph_synthesis,
@@ -30,9 +30,9 @@ from models.reexport import (  # noqa: E402
     reexport,
     torch_gates,
 )
-from models.store import SHIPPED  # noqa: E402
-from models.train import CONTROL_SMOOTHING_SECONDS  # noqa: E402
-from streaming.model import FrameModel, Manifest, file_sha256  # noqa: E402
+from wavecast.models.store import SHIPPED  # noqa: E402
+from wavecast.models.train import CONTROL_SMOOTHING_SECONDS  # noqa: E402
+from wavecast.streaming.model import FrameModel, Manifest, file_sha256  # noqa: E402
 
 INSTRUMENTS = ("default", "violin", "cello", "clarinet")
 # What the re-export of each shipped model measured, new graph vs old over export.control_path (240 frames).

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from models.store import ModelStore
-from streaming.analysis import estimate_f0
-from streaming.engine import render
-from streaming.model import FrameModel
 from tests.conftest import ROOT, wavecast_command
+from wavecast.models.store import ModelStore
+from wavecast.streaming.analysis import estimate_f0
+from wavecast.streaming.engine import render
+from wavecast.streaming.model import FrameModel
 
 pytest.importorskip("torch", reason="training needs the 'train' extra: pip install -e '.[train]'")
 

@@ -1,0 +1,182 @@
+"""WebRTC: the offer/answer route, each listener's `Peer`, and the data-channel protocol.
+
+A client POSTs its SDP offer and gets an answer with one 48 kHz stereo Opus track (the stream's shared
+encoder's packets). Over a data channel labelled `controls` it sends MESSAGE (PATCH's body, plus an optional
+`id` the reply repeats) and gets one reply per message, `{"type": "controls", ...}` or
+`{"type": "error", "error": {"code", "message"}}`; no input closes the peer. Unasked, the daemon sends
+`now_playing` (composed streams, each note), `telemetry` (every TELEMETRY_SECONDS), `stream_failed` once if
+the stream's model fails, and `{"type": "error", ...}` just before it hangs up (stream deleted, encoder
+failed, daemon stopping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from wavecast.daemon.api import ApiError, RateLimit, route
+from wavecast.daemon.peers import PacketTrack
+from wavecast.daemon.routes.streams import PATCH, apply_patch
+from wavecast.daemon.schema import Invalid, check, parse_json
+from wavecast.daemon.service import Daemon
+from wavecast.streaming.engine import RETRY_AFTER_SECONDS, Stream
+
+log = logging.getLogger("wavecast.api")
+TELEMETRY_SECONDS = 1.0
+TELEMETRY_KEYS = ("id", "state", "latency_ms", "buffered_ms", "underruns", "listeners", "peers", "frames")
+MAX_MESSAGE_BYTES = 16 * 1024
+
+OFFER = {
+    "type": "object", "required": ["type", "sdp"], "additionalProperties": False,
+    "properties": {"type": {"enum": ["offer"]},
+                   "sdp": {"type": "string", "minLength": 1, "maxLength": 64 * 1024,
+                           "description": "the client's SDP offer, with at least one audio m-line"}},
+}
+ANSWER = {"type": "object", "required": ["type", "sdp"],
+          "properties": {"type": {"enum": ["answer"]}, "sdp": {"type": "string"}}}
+MESSAGE = PATCH | {"properties": PATCH["properties"] | {
+    "id": {"anyOf": [{"type": "string", "maxLength": 64}, {"type": "integer"}],
+           "description": "any id of the client's; the reply carries it back"}}}
+
+
+class Peer:
+    """One WebRTC listener of one stream: its connection, track, data channels and their tasks."""
+
+    def __init__(self, d: Daemon, stream: Stream, track: PacketTrack) -> None:
+        self.d, self.stream, self.track = d, stream, track
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.channels: list = []
+        self.tasks: set[asyncio.Task] = set()
+        self.messages = RateLimit(d.limits.message_rate, d.limits.message_burst)
+        self.closing: asyncio.Future | None = None
+        self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("datachannel", self._on_channel)
+        track.on("ended", lambda: asyncio.ensure_future(self.close(track.ended)) if track.ended else None)
+
+    async def answer(self, sdp: str) -> RTCSessionDescription:
+        try:
+            self.pc.addTrack(self.track)
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as e:  # aiortc raises ValueError and others for SDP it cannot use
+            await self.close()
+            reason = str(e) or type(e).__name__
+            raise ApiError(400, "malformed_sdp", f"cannot answer this offer ({reason}); send an SDP offer with an "
+                                                 "audio m-line, as RTCPeerConnection.createOffer() makes") from None
+        return self.pc.localDescription
+
+    async def close(self, reason: dict | None = None) -> None:
+        """Hang up; with `reason`, say it on every open data channel first. Every caller waits until the
+        peer is closed, whoever started it."""
+        if self.closing is None:
+            self.closing = asyncio.ensure_future(self._close(reason))
+        await asyncio.shield(self.closing)
+
+    async def _close(self, reason: dict | None) -> None:
+        self.track.stop()
+        self.d.peers.get(self.stream.id, set()).discard(self)
+        for task in self.tasks:
+            task.cancel()
+        if reason is not None:
+            log.info("closing peer stream=%s: %s", self.stream.id, reason["message"])
+            open_ = [ch for ch in self.channels if ch.readyState == "open"]
+            for channel in open_:
+                channel.send(json.dumps({"type": "error", "error": reason}))
+            if open_:
+                await asyncio.sleep(0.1)  # let SCTP send it
+        await self.pc.close()
+
+    async def _on_state(self) -> None:
+        log.info("peer stream=%s state=%s", self.stream.id, self.pc.connectionState)
+        if self.pc.connectionState in ("failed", "closed"):
+            await self.close()
+
+    def _on_channel(self, channel) -> None:
+        if channel.label != "controls":
+            return
+        self.channels.append(channel)
+        self.tasks.add(asyncio.ensure_future(self.announce(channel)))
+        channel.on("message", lambda message: channel.send(json.dumps(self.reply(message))))
+
+    def reply(self, message: str | bytes) -> dict:
+        """The answer to one data-channel message; never raises."""
+        if self.messages.take("peer"):
+            return {"type": "error", "error": {
+                "code": "rate_limited", "message": f"at most {self.messages.rate:g} messages a second (bursts of "
+                f"{self.messages.burst}) per peer; this one was dropped, send the latest state again"}}
+        if len(message) > MAX_MESSAGE_BYTES:
+            return {"type": "error", "error": {"code": "message_too_large",
+                                               "message": f"messages are limited to {MAX_MESSAGE_BYTES} bytes"}}
+        body: object = None
+        try:
+            body = check(MESSAGE, parse_json(message, "the message"))
+            return {"type": "controls", **apply_patch(self.stream, body), **_echo(body)}
+        except Invalid as e:
+            return {"type": "error", "error": {"code": e.code, "message": e.message}, **_echo(body)}
+        except ApiError as e:
+            return {"type": "error", "error": {"code": e.code, "message": e.message}, **_echo(body)}
+        except Exception:
+            log.exception("data-channel message failed stream=%s", self.stream.id)
+            return {"type": "error", "error": {"code": "internal", "message": "internal error; the daemon log "
+                                                                             "has the details"}}
+
+    async def announce(self, channel, period: float = 0.02) -> None:
+        """What a listener is told without asking: `now_playing` whenever a composed stream starts a note,
+        `stream_failed` once if the stream's model fails, `telemetry` every TELEMETRY_SECONDS."""
+        stream, voice, sent, failed, told = self.stream, self.stream.voice, -1, False, -math.inf
+        while channel.readyState != "closed":
+            if channel.readyState == "open":
+                if voice is not None and voice.count != sent:
+                    sent = voice.count
+                    channel.send(json.dumps({"type": "now_playing", **voice.now_playing()}))
+                if stream.failure and not failed:
+                    failed = True
+                    channel.send(json.dumps({"type": "stream_failed", "id": stream.id, "reason": stream.failure}))
+                if time.monotonic() - told >= TELEMETRY_SECONDS:
+                    told = time.monotonic()
+                    info = self.d.stream_info(stream)
+                    channel.send(json.dumps({"type": "telemetry", **{k: info[k] for k in TELEMETRY_KEYS}}))
+            await asyncio.sleep(period)
+
+
+def _echo(body: object) -> dict:
+    return {"id": body["id"]} if isinstance(body, dict) and "id" in body else {}
+
+
+@route("POST", "/v1/streams/{id}/webrtc", "Listen over WebRTC: an SDP offer in, the answer out", body=OFFER,
+       returns=ANSWER, errors={
+           400: "SDP that cannot be answered", 404: "no stream has that id",
+           422: "the stream's audio cannot go over WebRTC",
+           429: "the stream or the daemon has as many peers as its limit allows",
+           503: "the Opus encoding thread is saturated (Retry-After) or the daemon is stopping"})
+async def webrtc_offer(request: web.Request, body: dict) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    if d.draining:
+        raise ApiError(503, "shutting_down", "the daemon is stopping; retry when it is back")
+    peers = d.peers.setdefault(stream.id, set())
+    if len(peers) >= d.limits.max_peers_per_stream:
+        raise ApiError(429, "too_many_peers", f"a stream takes at most {d.limits.max_peers_per_stream} WebRTC "
+                                              "peers (--max-peers-per-stream); publish it through an SFU for more")
+    if sum(len(p) for p in d.peers.values()) >= d.limits.max_peers:
+        raise ApiError(429, "too_many_peers", f"this daemon takes at most {d.limits.max_peers} WebRTC peers "
+                                              "(--max-peers); retry when a listener leaves")
+    if stream.id not in d.encoders and d.encoding.load > d.encode_budget:
+        raise ApiError(503, "encoder_saturated", f"the Opus encoding thread is {100 * d.encoding.load:.0f} % busy "
+                       f"(limit {100 * d.encode_budget:.0f} %): another stream's encoder would make every WebRTC "
+                       "stream late; join a stream that already has listeners or retry later",
+                       {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    try:
+        track = d.encoder(stream).track()  # the stream's one Opus encoder; this peer gets its packets
+    except ValueError as e:
+        raise ApiError(422, "unsupported_model", str(e)) from None
+    peer = Peer(d, stream, track)
+    peers.add(peer)
+    answer = await peer.answer(body["sdp"])
+    return web.json_response({"sdp": answer.sdp, "type": answer.type})

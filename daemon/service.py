@@ -1,0 +1,137 @@
+"""`Daemon`: everything `wavecast serve` holds (the engine, loaded models, peers, encoders, device outputs),
+its limits, and how it stops. The event loop only schedules: model loading and device work run in the
+default executor, inference in the engine's thread, Opus encoding in the encoding thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from wavecast.daemon.api import ApiError, Guard, RateLimit
+from wavecast.daemon.device import DeviceOutput
+from wavecast.daemon.limits import Limits
+from wavecast.daemon.peers import ENCODER_DELAY_SAMPLES, PACKET_SAMPLES, SAMPLE_RATE, Encoding, StreamEncoder
+from wavecast.models.store import ModelStore
+from wavecast.streaming.composer import ComposerGroup, ComposerModel
+from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Group, Stream
+from wavecast.streaming.model import FrameModel, ModelError
+
+if TYPE_CHECKING:
+    from wavecast.daemon.routes.webrtc import Peer
+
+log = logging.getLogger("wavecast.daemon")
+DRAIN_SECONDS = 4.0  # SIGTERM: the most that closing peers and devices may take before the process exits
+
+
+class Daemon:
+    def __init__(self, store: ModelStore, *, limits: Limits | None = None, guard: Guard | None = None,
+                 buffer_frames: int = BUFFER_FRAMES, budget: float = BUDGET, encode_budget: float = BUDGET) -> None:
+        self.store = store
+        self.limits = limits = limits or Limits()
+        self.guard = guard or Guard()
+        self.engine = Engine(buffer_frames=buffer_frames, max_streams=limits.max_streams, budget=budget)
+        self.encode_budget = encode_budget  # busy share of the encoding thread past which no new encoder starts
+        self.stream_rate = RateLimit(limits.stream_rate, limits.stream_burst)
+        self.peers: dict[str, set[Peer]] = {}
+        self.encoders: dict[str, StreamEncoder] = {}  # one per stream with WebRTC peers: packets fan out
+        self.encoding = Encoding()  # the thread that runs them
+        self.outputs: dict[str, DeviceOutput] = {}
+        self.started = time.time()
+        self.errors = 0
+        self.draining = False
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    # -- models -------------------------------------------------------------------------------------
+    async def group(self, name: str) -> Group:
+        """The loaded group for the newest version of instrument `name`, loading it off the loop if needed."""
+        return await self._load(name, "instrument", self.engine.groups, FrameModel, self.engine.add_model)
+
+    async def composer(self, name: str) -> ComposerGroup:
+        """The loaded group for the newest version of composer `name`."""
+        return await self._load(name, "composer", self.engine.composers, ComposerModel, self.engine.add_composer)
+
+    async def _load(self, name: str, kind: str, loaded: dict, loader, add):
+        loop = asyncio.get_running_loop()
+        try:
+            entry = await loop.run_in_executor(None, self.store.resolve, name)
+        except KeyError as e:
+            raise ApiError(404, "unknown_model", str(e.args[0])) from None
+        if entry.manifest.kind != kind:
+            field = "composer" if entry.manifest.kind == "composer" else "model"
+            raise ApiError(422, "wrong_model_kind", f"'{name}' is a {entry.manifest.kind}, not an {kind}; "
+                           f"name it in '{field}' (GET /v1/models lists which is which)")
+        key = (entry.manifest.name, entry.manifest.version)
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if key not in loaded:
+                if self.loaded_models() >= self.limits.max_models:
+                    raise ApiError(503, "too_many_models", f"this daemon holds at most {self.limits.max_models} "
+                                   "model versions at once (--max-models); use a model that is loaded already "
+                                   "(GET /v1/models shows which) or restart the daemon with a higher limit")
+                try:
+                    model = await loop.run_in_executor(None, loader, entry.directory)
+                except ModelError as e:
+                    raise ApiError(500, "model_unusable", f"{e}; see the daemon log") from None
+                await loop.run_in_executor(None, add, model)  # an instrument is timed here for admission
+                log.info("model loaded name=%s version=%s kind=%s", *key, kind)
+        return loaded[key]
+
+    def loaded_models(self) -> int:
+        return len(self.engine.groups) + len(self.engine.composers)
+
+    # -- streams ------------------------------------------------------------------------------------
+    def stream(self, request: web.Request) -> Stream:
+        sid = request.match_info["id"]
+        stream = self.engine.streams.get(sid)
+        if stream is None:
+            raise ApiError(404, "unknown_stream", "no stream has that id; GET /v1/streams lists them")
+        return stream
+
+    def stream_info(self, stream: Stream) -> dict:
+        info = stream.info()
+        info["peers"] = len(self.peers.get(stream.id, ()))
+        info["encoders"] = int(stream.id in self.encoders)
+        # a WebRTC listener also waits for a whole Opus packet and the encoder's lookahead
+        info["latency_ms"] |= {"packet": 1000 * PACKET_SAMPLES / SAMPLE_RATE,
+                               "encoder": round(1000 * ENCODER_DELAY_SAMPLES / SAMPLE_RATE, 1)}
+        out = self.outputs.get(stream.id)
+        info["device"] = out.info() if out else None
+        return info
+
+    def encoder(self, stream: Stream) -> StreamEncoder:
+        """The stream's Opus encoder, started for its first WebRTC peer; it ends with its last."""
+        encoder = self.encoders.get(stream.id)
+        if encoder is None or encoder.closed:
+            encoder = self.encoders[stream.id] = StreamEncoder(stream, self.engine, self.encoding)
+            encoder.on_close(lambda e: self.encoders.pop(stream.id) if self.encoders.get(stream.id) is e else None)
+        return encoder
+
+    async def close_stream(self, stream: Stream, reason: dict | None = None) -> None:
+        reason = reason or {"code": "stream_deleted", "message": "the stream was deleted"}
+        encoder = self.encoders.pop(stream.id, None)
+        if encoder:  # its peers hear `reason` and hang up
+            encoder.close(reason["code"], reason["message"])
+        await asyncio.gather(*(peer.close(reason) for peer in list(self.peers.pop(stream.id, ()))))
+        out = self.outputs.pop(stream.id, None)
+        if out:
+            await asyncio.get_running_loop().run_in_executor(None, out.close)
+        self.engine.delete_stream(stream.id)
+
+    async def shutdown(self) -> None:
+        """Drain: every WebRTC listener is told why and hung up, device outputs close, the engine stops; at
+        most DRAIN_SECONDS, then the engine stops whatever is left."""
+        self.draining = True
+        reason = {"code": "shutdown", "message": "the daemon is stopping; reconnect when it is back"}
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.close_stream(s, reason)
+                                                    for s in list(self.engine.streams.values()))), DRAIN_SECONDS)
+        except TimeoutError:
+            log.warning("drain took longer than %.0f s; stopping anyway", DRAIN_SECONDS)
+        self.engine.stop()
+
+    def limit_metrics(self) -> dict[str, float]:
+        return asdict(self.limits)
