@@ -29,12 +29,11 @@ from onnx import numpy_helper
 from wavecast.models import data, quality
 from wavecast.models.export import control_path, export_onnx, state_shapes, verify_parity, verify_pitch
 from wavecast.models.instrument import Instrument, InstrumentConfig
-from wavecast.models.store import gate
+from wavecast.models.store import gate, judge
 from wavecast.models.train import CONTROL_SMOOTHING_SECONDS
 from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, file_sha256
 
 ORIGIN_LIMIT = 1e-5  # max |torch - ORT| of the weights read back, run as the graph they came from (~1e-6)
-PARITY_LIMIT = 1e-4  # max |torch - ORT| of the new graph, where the manifest names no limit (as training)
 EQUIVALENCE_STEPS = 240
 EQUIVALENCE_SNR_DB = 60.0  # the new graph's audio vs the old one's, over the equivalence run
 LSTM_GATES = [0, 2, 3, 1]  # torch's i, f, g, o blocks, taken from ONNX's i, o, f, c
@@ -167,9 +166,10 @@ def reexport(source: Path, out: Path, command: str, revision: str, work: Path | 
         parity = verify_parity(model, new)
         log(f"{manifest.name}: torch vs ONNX Runtime over {parity['steps']} stateful steps: "
             f"max |torch - ORT| {parity['max_abs_audio']:.2e}")
-        limit = float(manifest.verification.get("parity_limit", PARITY_LIMIT))
-        if parity["max_abs_audio"] > limit:
-            raise SystemExit(f"{manifest.name}: parity {parity['max_abs_audio']:.2e} misses its limit {limit:g}")
+        policy = judge(manifest.verification, "instrument").policy  # the store's, tightened by the manifest
+        if parity["max_abs_audio"] > policy.parity_limit:
+            raise SystemExit(f"{manifest.name}: parity {parity['max_abs_audio']:.2e} misses its limit "
+                             f"{policy.parity_limit:g}")
         same = equivalence(new, old)
         log(f"{manifest.name}: new graph vs old over {same['steps']} stateful steps: max |new - old| "
             f"{same['max_abs_diff']:.2e}, SNR {same['snr_db']:.1f} dB (signal RMS {same['signal_rms']:.3g})")
@@ -177,12 +177,11 @@ def reexport(source: Path, out: Path, command: str, revision: str, work: Path | 
             raise SystemExit(f"{manifest.name}: the new graph differs from the old by more than "
                              f"-{EQUIVALENCE_SNR_DB:g} dB (SNR {same['snr_db']:.1f} dB)")
         f0 = manifest.control("f0")
-        pitch_limit = float(manifest.verification.get("pitch_limit", 0.01))
         checks = tuple(float(k) for k in manifest.verification.get("pitch", {}).get("f0_relative_error", {}))
         pitch = verify_pitch(new, tuple(f for f in checks if f0.min <= f <= f0.max) or (f0.default,))
-        if pitch["max_f0_relative_error"] > pitch_limit:
+        if pitch["max_f0_relative_error"] > policy.pitch_limit:
             raise SystemExit(f"{manifest.name}: pitch error {pitch['max_f0_relative_error']:.4%} misses its limit")
-        verification = {**manifest.verification, "parity": parity, "pitch": pitch}
+        verification = {**manifest.verification, **policy.record(), "parity": parity, "pitch": pitch}
         if work is not None:
             verification["quality"] = heldout_quality(new, manifest, work)
             problems = gate(verification, "instrument")

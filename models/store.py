@@ -1,25 +1,42 @@
 """The model store: shipped models (read-only, in the package) plus trained versions in a store directory.
 
-Layout: ``<store>/<name>/<version:06d>/{model.onnx, model.json}``. Publishing copies a candidate into a
-hidden directory beside its final place, checks it through the frame-model contract, then renames it
-into place, so a reader sees a version whole or not at all. No torch here: the daemon imports this.
+Layout: ``<store>/<name>/<version:06d>/{model.onnx, model.json}``, real files (no symbolic links). Publishing
+checks a candidate against the store's policy and the frame-model contract, copies it into a hidden
+directory beside its final place, then renames it into place, so a reader sees a version whole or not at
+all. No torch here: the daemon imports this.
+
+The store owns the gate (POLICIES): what a model must measure to be published lives here, in the code that
+enforces it, never in the manifest it judges. A manifest's own limits and thresholds may only tighten it.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, ModelError
+from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, ModelError, checked_graph, file_sha256
+
+log = logging.getLogger("wavecast.store")
 
 SHIPPED = Path(__file__).parent / "shipped"
-# Quality gates written into each trained manifest's verification block, read back at publish time:
-# "max" = at most, "below" = less than, "above" = more than.
-QUALITY_TARGETS = {
+# A model name is a slug: it becomes a directory name and a URL path segment (GET /v1/models/NAME).
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+NAME_RULE = "1-64 lowercase letters, digits, '-' or '_', beginning with a letter or digit"
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a candidate's graph: a plain name, no path
+VERSION = re.compile(r"[0-9]+")  # a version directory's name is the version as %06d
+
+# "max" = at most, "below" = less than (both bound a metric from above), "above" = more than.
+UPPER, LOWER = ("max", "below"), ("above",)
+Rule = tuple[str, float]
+QUALITY_TARGETS: dict[str, Rule] = {  # an instrument's, on held-out performances rendered through the engine
     "spectral_ratio": ("max", 0.7),  # held-out spectral distance, model / saw+noise baseline
     "pitch_median_cents": ("below", 10.0),
     "pitch_p95_cents": ("below", 30.0),
@@ -28,30 +45,161 @@ QUALITY_TARGETS = {
 }
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What the store requires of one kind of model before it publishes it."""
+
+    parity_metric: str  # the field of verification.parity the parity limit bounds
+    parity_limit: float  # max |torch - ONNX Runtime| over the stateful parity run
+    pitch_limit: float | None  # max relative f0 error of constant-pitch renders; None: no pitch check
+    thresholds: Mapping[str, Rule]  # verification.quality metric -> rule
+
+    def record(self) -> dict:
+        """The limits and thresholds as a manifest's verification block records them."""
+        limits = {"parity_limit": self.parity_limit}
+        if self.pitch_limit is not None:
+            limits["pitch_limit"] = self.pitch_limit
+        return {**limits, "thresholds": {name: list(rule) for name, rule in self.thresholds.items()}}
+
+
+POLICIES = {
+    "instrument": Policy("max_abs_audio", 1e-4, 0.01, QUALITY_TARGETS),
+    "composer": Policy("max_abs_logits", 1e-4, None, {"nll_ratio_to_bigram": ("below", 1.0)}),  # beat the bigram
+}
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (JSON's NaN, Infinity, true and integers too large for a float are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def meets(kind: str, value: object, target: float) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_number(value):
         return False
     return {"max": value <= target, "below": value < target, "above": value > target}[kind]
 
 
-def gate(verification: dict, kind: str) -> list[str]:
-    """What a manifest's verification block fails: parity, pitch (instruments) and every quality threshold
-    it names. `kind` is the manifest's: an instrument's parity is on audio, a composer's on logits."""
-    v = verification
-    problems = []
-    checks = ((("parity", "max_abs_audio", "parity_limit"), ("pitch", "max_f0_relative_error", "pitch_limit"))
-              if kind == "instrument" else (("parity", "max_abs_logits", "parity_limit"),))
-    for what, value_key, limit_key in checks:
-        value, limit = (v.get(what) or {}).get(value_key), v.get(limit_key)
-        if limit is None or not meets("max", value, limit):
-            problems.append(f"{what}: {value_key} {value} against limit {limit}")
-    thresholds, measured = v.get("thresholds"), v.get("quality") or {}
-    if not thresholds:
-        problems.append("no quality thresholds in verification.thresholds")
-    for name, (kind, target) in (thresholds or {}).items():
-        if not meets(kind, measured.get(name), target):
-            problems.append(f"{name}: {measured.get(name)} is not {kind} {target}")
-    return problems
+def tightens(own: Rule, policy: Rule) -> bool:
+    """True when every value that meets `own` also meets `policy` (the same bound or a stricter one)."""
+    (kind, target), (p_kind, p_target) = own, policy
+    if kind in UPPER and p_kind in UPPER:
+        return target < p_target or (target == p_target and (kind == "below" or p_kind == "max"))
+    return kind in LOWER and p_kind in LOWER and target >= p_target
+
+
+def num(x: float) -> str:
+    return f"{x:.6g}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    policy: Policy  # the store's policy for the kind, tightened where the manifest asks
+    problems: list[str]  # why the model may not be published, each naming the metric; empty: it passes
+    ignored: list[str]  # the manifest's limits and thresholds that were looser than the policy
+
+
+def judge(verification: object, kind: str) -> Verdict:
+    """A manifest's verification block against the store's policy for `kind` ("instrument": parity on audio
+    and pitch; "composer": parity on logits). The block must record the limits and thresholds it was
+    checked against; where one is stricter than the policy it applies, a looser one is ignored."""
+    policy = POLICIES[kind]
+    v = verification if isinstance(verification, dict) else {}
+    problems = [] if isinstance(verification, dict) else ["verification: the manifest has no 'verification' object"]
+    ignored = []
+    limits: dict[str, float | None] = {}
+    for what, value_key, limit_key, limit in (("parity", policy.parity_metric, "parity_limit", policy.parity_limit),
+                                              ("pitch", "max_f0_relative_error", "pitch_limit", policy.pitch_limit)):
+        if limit is None:
+            limits[limit_key] = None
+            continue
+        own, looser = v.get(limit_key), ""
+        if own is None:
+            problems.append(f"{what}: verification.{limit_key} is missing (the limit the model was checked against)")
+        elif not is_number(own) or own < 0:
+            problems.append(f"{what}: verification.{limit_key} must be a number, 0 or more")
+        elif own <= limit:
+            limit = own
+        else:
+            looser = f"verification.{limit_key} {num(own)} is looser than the store's limit {num(limit)}"
+            ignored.append(looser)
+        limits[limit_key] = limit
+        block = v.get(what)
+        value = block.get(value_key) if isinstance(block, dict) else None
+        if value is None:
+            problems.append(f"{what}: verification.{what}.{value_key} is missing")
+        elif not is_number(value):
+            problems.append(f"{what}: verification.{what}.{value_key} is not a finite number")
+        elif value > limit:
+            problems.append(f"{what}: {value_key} {num(value)} against limit {num(limit)}"
+                            + (f" ({looser}, and ignored)" if looser else ""))
+
+    own_rules = v.get("thresholds")
+    if not isinstance(own_rules, dict) or not own_rules:
+        problems.append("no quality thresholds in verification.thresholds (the thresholds the model was checked "
+                        "against)")
+        own_rules = {}
+    rules, loosened = dict(policy.thresholds), {}
+    for name, rule in own_rules.items():
+        if not (isinstance(rule, list) and len(rule) == 2 and rule[0] in (*UPPER, *LOWER) and is_number(rule[1])):
+            problems.append(f"{name}: verification.thresholds.{name} must be [kind, number] with kind one of "
+                            f"{', '.join((*UPPER, *LOWER))}")
+            continue
+        own: Rule = (rule[0], rule[1])
+        if name not in rules or tightens(own, rules[name]):
+            rules[name] = own
+        elif (own[0] in UPPER) != (rules[name][0] in UPPER):
+            problems.append(f"{name}: verification.thresholds.{name} '{own[0]} {num(own[1])}' bounds it from the "
+                            f"other side than the store's '{rules[name][0]} {num(rules[name][1])}'")
+        else:
+            loosened[name] = f"verification.thresholds.{name} '{own[0]} {num(own[1])}' is looser than the store's"
+            ignored.append(f"{loosened[name]} '{rules[name][0]} {num(rules[name][1])}'")
+    measured = v.get("quality") if isinstance(v.get("quality"), dict) else {}
+    for name, (rule_kind, target) in rules.items():
+        value = measured.get(name)
+        if value is None:
+            problems.append(f"{name}: verification.quality.{name} is missing")
+        elif not is_number(value):
+            problems.append(f"{name}: verification.quality.{name} is not a finite number")
+        elif not meets(rule_kind, value, target):
+            problems.append(f"{name}: {num(value)} is not {rule_kind} {num(target)}"
+                            + (f" ({loosened[name]}, and ignored)" if name in loosened else ""))
+    return Verdict(Policy(policy.parity_metric, limits["parity_limit"], limits["pitch_limit"], rules),
+                   problems, ignored)
+
+
+def gate(verification: object, kind: str) -> list[str]:
+    """What a manifest's verification block fails, each naming the metric; empty when it may be published."""
+    return judge(verification, kind).problems
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
+
+
+def version_of(dirname: str) -> int | None:
+    """The version a store directory stands for: its name is %06d of a positive number; else None."""
+    number = int(dirname) if VERSION.fullmatch(dirname) else 0
+    return number if number >= 1 and dirname == f"{number:06d}" else None
+
+
+def shown(name: object) -> str:
+    """A name as an error message quotes it: only a short, printable one is repeated."""
+    if not isinstance(name, str):
+        return "(not a string)"
+    return f"'{name}'" if len(name) <= 80 and name.isprintable() else f"({len(name)} characters, not shown)"
+
+
+def real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def real_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def default_store() -> Path:
@@ -71,25 +219,37 @@ class Entry:
     shipped: bool
 
 
+class InvalidModelName(KeyError):
+    """A name that cannot be a model's (a KeyError, so callers that answer 'unknown model' still do)."""
+
+
 class ModelStore:
     def __init__(self, root: Path | None = None, shipped: Path = SHIPPED) -> None:
         self.root = Path(root) if root else default_store()
         self.shipped = shipped
 
     def entries(self) -> list[Entry]:
-        """Every readable version; unreadable ones are skipped (they are reported by `check`)."""
+        """Every well-formed version: real directories and files (no symbolic links) whose manifest's name,
+        version and graph file match where they lie. Anything else is skipped, as is an unreadable manifest."""
         found = []
         for base, shipped in ((self.shipped, True), (self.root, False)):
             if not base.is_dir():
                 continue
-            dirs = [d for d in base.iterdir() if d.is_dir()] if shipped else [
-                v for n in base.iterdir() if n.is_dir() for v in n.iterdir() if v.is_dir() and v.name.isdigit()
+            names = [n for n in base.iterdir() if valid_name(n.name) and real_dir(n)]
+            dirs = [(n.name, None, n) for n in names] if shipped else [
+                (n.name, version_of(v.name), v) for n in names for v in n.iterdir()
+                if version_of(v.name) and real_dir(v)
             ]
-            for d in dirs:
+            for name, version, d in dirs:
+                if not (real_file(d / MANIFEST) and real_file(d / GRAPH)):
+                    continue
                 try:
-                    found.append(Entry(Manifest.read(d / MANIFEST), d, shipped))
+                    m = Manifest.read(d / MANIFEST)
                 except ModelError:
                     continue
+                placed = m.version == version if version is not None else m.version >= 1
+                if m.name == name and placed and m.onnx["file"] == GRAPH:
+                    found.append(Entry(m, d, shipped))
         return found
 
     def latest(self) -> dict[str, Entry]:
@@ -102,38 +262,80 @@ class ModelStore:
         return dict(sorted(best.items()))
 
     def resolve(self, name: str) -> Entry:
-        entry = self.latest().get(name)
+        """The newest version of `name`; KeyError (InvalidModelName for a name no model can have) otherwise."""
+        latest = self.latest()
+        known = ", ".join(latest) or "none"
+        if not valid_name(name):
+            raise InvalidModelName(f"invalid model name {shown(name)}: a model name is {NAME_RULE} (known: {known})")
+        entry = latest.get(name)
         if entry is None:
-            known = ", ".join(self.latest()) or "none"
-            raise KeyError(f"unknown model '{name}' (known: {known}); train one with 'wavecast train instrument'")
+            raise KeyError(f"unknown model '{name}' (known: {known}); 'wavecast train instrument' or 'wavecast train "
+                           "composer' makes one")
         return entry
 
     def publish(self, candidate: Path) -> Entry:
         """Publish a candidate directory as the next version of its model; returns the new entry.
 
-        Refused, naming the metric, when its verification block misses a gate."""
-        manifest = Manifest.read(candidate / MANIFEST)
-        problems = gate(manifest.verification, manifest.kind)
-        if problems:
-            raise ModelError(f"{candidate / MANIFEST}: refused to publish: {'; '.join(problems)}")
-        versions = [e.manifest.version for e in self.entries() if e.manifest.name == manifest.name]
-        version = max(versions, default=0) + 1
+        Refused with the reason (a ModelError naming the file and field) when its name or files are not a
+        model's, its verification block misses the store's policy, or its graph breaks the contract. The
+        published manifest records the limits and thresholds it was held to."""
+        candidate = Path(candidate)
+        manifest, graph = self._candidate(candidate)
+        verdict = judge(manifest.verification, manifest.kind)
+        if verdict.problems:
+            raise ModelError(f"{candidate / MANIFEST}: refused to publish: {'; '.join(verdict.problems)}; retrain or "
+                             "re-verify the model (a manifest may tighten the store's gate, never loosen it)")
+        for note in verdict.ignored:
+            log.warning("%s: %s, and ignored: the store's policy applies", candidate / MANIFEST, note)
         target_parent = self.root / manifest.name
         target_parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target_parent))
         try:
-            shutil.copy2(candidate / manifest.onnx["file"], staging / GRAPH)
-            published = replace(manifest, version=version, onnx={**manifest.onnx, "file": GRAPH})
-            published.write(staging)
-            if manifest.kind == "composer":  # the contract check, exactly as the daemon will load it
+            if manifest.kind == "composer":  # the contract check, as the daemon will load it
                 from wavecast.streaming.composer import ComposerModel
 
-                ComposerModel(staging)
+                ComposerModel(candidate)
             else:
-                FrameModel(staging, device="cpu")
-            final = target_parent / f"{version:06d}"
-            os.rename(staging, final)
+                FrameModel(candidate, device="cpu")
+            shutil.copyfile(graph, staging / GRAPH)
+            if file_sha256(staging / GRAPH) != manifest.onnx["sha256"]:
+                raise ModelError(f"{graph}: changed while it was being published; publish it again")
+            taken = [e.manifest.version for e in self.entries() if e.manifest.name == manifest.name]
+            taken += [int(v.name) for v in target_parent.iterdir() if VERSION.fullmatch(v.name)]
+            version = max(taken, default=0) + 1
+            verification = {**manifest.verification, **verdict.policy.record()}
+            while True:  # another publish may take the version first: take the next one
+                published = replace(manifest, version=version, onnx={**manifest.onnx, "file": GRAPH},
+                                    verification=verification)
+                published.write(staging)
+                final = target_parent / f"{version:06d}"
+                try:
+                    os.rename(staging, final)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                        raise
+                    version += 1
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return Entry(published, final, shipped=False)
+
+    @staticmethod
+    def _candidate(candidate: Path) -> tuple[Manifest, Path]:
+        """A candidate's manifest and graph file, refused unless both are real files in `candidate`, the name
+        is a model name and the graph matches its checksum."""
+        path = candidate / MANIFEST
+        if path.is_symlink():
+            raise ModelError(f"{path}: is a symbolic link; publish a directory that holds the files themselves")
+        manifest = Manifest.read(path)
+        if not valid_name(manifest.name):
+            raise ModelError(f"{path}: field 'name' {shown(manifest.name)} is not a model name: use {NAME_RULE}")
+        file = manifest.onnx["file"]
+        if not FILE_NAME.fullmatch(file):
+            raise ModelError(f"{path}: field 'onnx.file' must be a plain file name in {candidate} (like {GRAPH}), "
+                             "not a path")
+        graph = candidate / file
+        if graph.is_symlink():
+            raise ModelError(f"{graph}: is a symbolic link; publish a directory that holds the files themselves")
+        return manifest, checked_graph(candidate, manifest)

@@ -23,11 +23,9 @@ from wavecast.models import corpus, data, instrument, quality
 from wavecast.models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from wavecast.models.instrument import Instrument, InstrumentConfig
 from wavecast.models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
-from wavecast.models.store import QUALITY_TARGETS, default_work
+from wavecast.models.store import NAME_RULE, POLICIES, default_work, valid_name
 from wavecast.streaming.model import FrameModel, Manifest
 
-PARITY_LIMIT = 1e-4  # max |torch - ORT| audio over the stateful parity run
-PITCH_LIMIT = 0.01  # max relative f0 error of constant-pitch renders
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
 # One-pole time constant of f0 and loudness changes. bench/engine.py counts no clicks from 30-40 dB and
 # octave steps at any constant from 0 to 30 ms (the graph ramps amplitudes across a frame and keeps the
@@ -100,6 +98,8 @@ def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, devi
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     started, revision = time.time(), code_revision()  # the code this run starts with
     args.name = args.name or args.instrument or "default"
+    if not valid_name(args.name):  # refused before the training run, not at publish time after it
+        raise SystemExit(f"error: --name '{args.name}' is not a model name: use {NAME_RULE}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     steps = args.steps or (600 if args.quick else 3000)
@@ -182,11 +182,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         log(f"parity max |torch-ORT| {parity['max_abs_audio']:.2e}, max f0 error {pitch['max_f0_relative_error']:.4%}")
         log(f"quality on {len(dataset.heldout)} held-out performance(s), through the engine")
         assessed, _ = quality.assess(frame_model, dataset.heldout, log=lambda line: log(f"quality: {line}"))
-        verification = {
-            "parity": parity, "parity_limit": PARITY_LIMIT, "pitch": pitch, "pitch_limit": PITCH_LIMIT,
-            "quality": quality.verification_quality(assessed),
-            "thresholds": {name: list(rule) for name, rule in QUALITY_TARGETS.items()},
-        }
+        verification = {"parity": parity, "pitch": pitch, "quality": quality.verification_quality(assessed),
+                        **POLICIES["instrument"].record()}
         log("quality: " + ", ".join(f"{k} {v:.3g}" for k, v in assessed["metrics"].items()))
         final = {
             **manifest.to_dict(),

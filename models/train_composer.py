@@ -26,16 +26,14 @@ import torch
 from wavecast.models import composer, corpus
 from wavecast.models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
 from wavecast.models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
-from wavecast.models.store import default_work
+from wavecast.models.store import NAME_RULE, POLICIES, default_work, valid_name
 from wavecast.models.train import code_revision
 from wavecast.streaming import notes
 from wavecast.streaming.composer import ComposerModel
 from wavecast.streaming.model import Manifest
 from wavecast.streaming.notes import DURATIONS, FEATURES, MODES, PITCH_HIGH, PITCH_LOW, PITCH_TOKENS, START, Scale
 
-PARITY_LIMIT = 1e-4  # max |torch - ORT| logits over the stateful parity run
 PARITY_STEPS = 96
-NLL_RATIO_LIMIT = 1.0  # held-out NLL must be below the bigram baseline's
 QUICK_TUNES = 20  # --quick: the first tunes of each of (at most) the first two collections
 SHIFTS = range(-6, 6)  # transposition augmentation, semitones
 START_CROP = 0.25  # share of training crops that begin at a tune's first event (from the START state)
@@ -154,6 +152,8 @@ def baseline_nll(train: list[Song], heldout: list[Song]) -> dict:
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     started, revision = time.time(), code_revision()  # the code this run starts with
+    if not valid_name(args.name):  # refused before the training run, not at publish time after it
+        raise SystemExit(f"error: --name '{args.name}' is not a model name: use {NAME_RULE}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     steps = args.steps or (300 if args.quick else 2500)
@@ -223,13 +223,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         parity = verify_parity(model, candidate / onnx["file"], steps=PARITY_STEPS)
         log(f"parity max |torch-ORT| logits {parity['max_abs_logits']:.2e}")
         verification = {
-            "parity": parity, "parity_limit": PARITY_LIMIT,
+            "parity": parity,
             "quality": {"nll": nll, "unigram_nll": baselines["unigram_nll"], "bigram_nll": baselines["bigram_nll"],
                         "nll_ratio_to_bigram": ratio, "heldout_events": baselines["heldout_events"],
                         "baselines": "counted on the untransposed training tunes; unigram add-one, bigram "
                                      "interpolated with the unigram (weight "
                                      f"{baselines['bigram_interpolation']:g}, the best for the held-out tunes)"},
-            "thresholds": {"nll_ratio_to_bigram": ["below", NLL_RATIO_LIMIT]},
+            **POLICIES["composer"].record(),
         }
         final = {
             "name": args.name, "version": 1, "kind": "composer", "controls": [],

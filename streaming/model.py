@@ -94,12 +94,21 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ModelError(f"{path}: no manifest; a model directory holds {MANIFEST} and {GRAPH}") from None
+        except OSError as e:
+            raise ModelError(f"{path}: cannot read it ({e.strerror}); check the file's permissions") from None
+        except UnicodeDecodeError:
+            raise ModelError(f"{path}: not UTF-8 text; re-export or re-publish the model") from None
         except json.JSONDecodeError as e:
-            raise ModelError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, str(path))
+            raise ModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise ModelError(f"{path}: JSON nested too deeply to be a manifest") from None
+        try:
+            return cls.from_dict(raw, str(path))
+        except OverflowError:
+            raise ModelError(f"{path}: a number is too large for its field") from None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> Manifest:
@@ -121,7 +130,8 @@ class Manifest:
                 float(need(c, "smoothing", num, at)),
             )
             if not (math.isfinite(ctl.min) and math.isfinite(ctl.max) and ctl.min <= ctl.default <= ctl.max):
-                raise ModelError(f"{where}: field '{at}default' must lie in [min, max] ({ctl})")
+                raise ModelError(f"{where}: field '{at}default' must lie in [min, max] (control '{ctl.name}': "
+                                 f"min {ctl.min:g}, max {ctl.max:g}, default {ctl.default:g})")
             if ctl.smoothing < 0:
                 raise ModelError(f"{where}: field '{at}smoothing' must be >= 0 seconds")
             controls.append(ctl)
@@ -182,7 +192,11 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
 
 def checked_graph(directory: Path, manifest: Manifest) -> Path:
     """The graph file the manifest names, after checking that it exists and matches its sha256."""
-    graph = directory / manifest.onnx["file"]
+    name = manifest.onnx["file"]
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ModelError(f"{directory / MANIFEST}: field 'onnx.file' must name a file in the model's directory, "
+                         f"not a path")
+    graph = directory / name
     if not graph.is_file():
         raise ModelError(f"{graph}: graph file named by field 'onnx.file' is missing")
     digest = file_sha256(graph)
