@@ -10,7 +10,7 @@
 #                                run tests/test_cuda.py (if the host has pytest) and
 #                                `bench/engine.py --device cuda --cuda-only`, writing bench/out/engine-cuda.json
 #
-# CPU machines never need this: the default install's onnxruntime-gpu runs on the CPU there.
+# CPU machines never need this: the default install is the CPU build of onnxruntime (./install --gpu swaps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEEL_DIR=${WHEEL_DIR:-/tmp/wavecast-wheel}
@@ -19,10 +19,9 @@ PARTS=bench/gpu-wheel
 
 case "${1:-}" in
 pack)
-  version=$(python3 -c "import onnxruntime; print(onnxruntime.__version__)")
   mkdir -p "$PARTS"
   rm -f "$PARTS"/*
-  python3 -m pip download -q --no-deps "onnxruntime-gpu==$version" -d "$PARTS"
+  python3 -m pip download -q --no-deps --only-binary=:all: "onnxruntime-gpu>=1.20" -d "$PARTS"
   wheel=$(ls "$PARTS"/onnxruntime_gpu-*.whl)
   (cd "$PARTS" && split -b 60M -d "$(basename "$wheel")" "$(basename "$wheel").part" && sha256sum "$(basename "$wheel")" >SHA256SUMS)
   rm "$wheel"
@@ -45,11 +44,16 @@ run)
   "$VENV/bin/python" -m pip install -q --no-index --no-deps "$wheel"
   # onnxruntime-gpu finds CUDA 13 and cuDNN 9 in the nvidia-* wheels that torch brought (preload_dlls)
   "$VENV/bin/python" -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+  # the repository's folders as the wavecast namespace, without installing it (the host has no index to reach)
+  src=$(mktemp -d)
+  mkdir "$src/wavecast"
+  for pkg in daemon streaming models; do ln -s "$PWD/$pkg" "$src/wavecast/$pkg"; done
+  export PYTHONPATH="$src:$PWD"
   if "$VENV/bin/python" -c "import pytest" 2>/dev/null; then  # the CUDA test, where the host has pytest
     "$VENV/bin/python" -c "import onnxruntime, pytest, sys; onnxruntime.preload_dlls(); sys.exit(pytest.main(['-q', 'tests/test_cuda.py']))" \
       || echo "tests/test_cuda.py failed: see above (the bench runs anyway)" >&2
   fi
-  PYTHONPATH=. "$VENV/bin/python" - <<'EOF'
+  "$VENV/bin/python" - <<'EOF'
 import runpy
 import sys
 

@@ -34,7 +34,7 @@ def parse_control(text: str) -> tuple[str, float | str]:
     """NAME=VALUE; VALUE is a number where it reads as one (f0=440), else text (scale='D dorian')."""
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. f0=440 or scale='D dorian', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. f0=440 or scale='D dorian', not '{text}'")
     try:
         return name, float(value)
     except ValueError:
@@ -49,21 +49,22 @@ def parse_change(text: str) -> tuple[float, tuple[str, float | str]]:
     except ValueError:
         seconds = -1.0
     if not sep or seconds < 0:
-        raise argparse.ArgumentTypeError(f"expected SECONDS:NAME=VALUE, e.g. 30:tempo=140, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected SECONDS:NAME=VALUE, e.g. 30:tempo=140, not '{text}'")
     return seconds, parse_control(control)
 
 
 def number(kind: type, low: float, high: float) -> Callable[[str], float]:
     """An argparse type: a `kind` (int or float) in [low, high], refused in words otherwise."""
     what = "a whole number" if kind is int else "a number"
+    span = f"from {int(low)} to {int(high)}" if kind is int else f"from {low:g} to {high:g}"
 
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {what}; give {what} from {low:g} to {high:g}") from None
+            raise argparse.ArgumentTypeError(f"'{text}' is not {what}; give {what} {span}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range; give {what} from {low:g} to {high:g}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {what} {span}")
         return value
 
     return parse
@@ -217,7 +218,7 @@ def run_torch_command(module: str, args: argparse.Namespace) -> int:
     try:
         command = importlib.import_module(f"wavecast.models.{module}")
     except ImportError as e:
-        print(f"error: this command needs the 'train' extra ({e}); run: pip install -e '.[train]'", file=sys.stderr)
+        print(f"error: this command needs the 'train' extra ({e}); run: ./install train", file=sys.stderr)
         return 2
     command.run(args, sys.argv[1:])
     return 0
@@ -271,17 +272,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instrument", choices=["violin", "cello", "trumpet", "clarinet", "flute"],
                    help="imitate this GM instrument over its own range (f0 control limited to it)")
     p.add_argument("--name", help="model name to publish under (default: the instrument, else 'default')")
-    p.add_argument("--program", type=int, default=73,
+    p.add_argument("--program", type=number(int, 0, 127), default=73,
                    help="without --instrument: GM program (0-based, 73 = flute) over f0 30-2000 Hz")
     p.add_argument("--quick", action="store_true", help="tiny data and few steps: a working model in ~2 min")
-    p.add_argument("--steps", type=int, help="training steps (default 3000, quick 600)")
-    p.add_argument("--batch", type=int, help="crops per step (default 8, quick 4)")
-    p.add_argument("--frames", type=int, help="frames per crop, 10 ms each (default 100, quick 50)")
-    p.add_argument("--hidden", type=int, default=128, help="LSTM width (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, init and batches")
+    p.add_argument("--steps", type=number(int, 1, 10_000_000), help="training steps (default 3000, quick 600)")
+    p.add_argument("--batch", type=number(int, 1, 4096), help="crops per step (default 8, quick 4)")
+    p.add_argument("--frames", type=number(int, 2, 10_000), help="frames per crop, 10 ms each (default 100, quick 50)")
+    p.add_argument("--hidden", type=number(int, 8, 4096), default=128, help="LSTM width (default: %(default)s)")
+    p.add_argument("--lr", type=number(float, 1e-7, 1.0), default=2e-3,
+                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for data, init and batches")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 1, 256), default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--work", type=Path, help="data cache and checkpoints (default ~/.cache/wavecast)")
     p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
     p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
@@ -296,14 +298,15 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="music21 corpus collections to learn from (default: those whose licence allows a shipped "
                         "model: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few tunes and few steps: a working model in ~1 min")
-    p.add_argument("--steps", type=int, help="training steps (default 2500, quick 300)")
-    p.add_argument("--batch", type=int, help="sequences per step (default 32, quick 16)")
-    p.add_argument("--length", type=int, help="events per training sequence (default 64, quick 32)")
-    p.add_argument("--hidden", type=int, default=256, help="LSTM width (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, batches and augmentation")
+    p.add_argument("--steps", type=number(int, 1, 10_000_000), help="training steps (default 2500, quick 300)")
+    p.add_argument("--batch", type=number(int, 1, 4096), help="sequences per step (default 32, quick 16)")
+    p.add_argument("--length", type=number(int, 2, 10_000), help="events per training sequence (default 64, quick 32)")
+    p.add_argument("--hidden", type=number(int, 8, 4096), default=256, help="LSTM width (default: %(default)s)")
+    p.add_argument("--lr", type=number(float, 1e-7, 1.0), default=3e-3,
+                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for init, batches and augmentation")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 1, 256), default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--work", type=Path, help="corpus cache and checkpoints (default ~/.cache/wavecast)")
     p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
     p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
@@ -373,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The same model, seed and controls give a bit-identical file.")
     r.add_argument("--model", default="default", help="instrument model name (default: %(default)s)")
     r.add_argument("--composer", help="composer model name, e.g. folk: it writes the notes the instrument plays")
-    r.add_argument("--seconds", type=float, required=True, help="length of the render")
-    r.add_argument("--seed", type=int, default=0, help="seed of the noise and the composer (default: %(default)s)")
+    r.add_argument("--seconds", type=number(float, 0.01, 86_400), required=True, help="length of the render")
+    r.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
+                   help="seed of the noise and the composer (default: %(default)s)")
     r.add_argument("--control", type=parse_control, action="append", default=[], metavar="NAME=VALUE",
                    help="a control value, repeatable: --control f0=440 --control loudness=-20, or with "
                         "--composer: --control tempo=96 --control 'scale=D dorian' --control register=high")
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training.reexport).")
     x.add_argument("model_dirs", nargs="+", type=Path, metavar="DIR", help="instrument model directory")
     x.add_argument("--out", type=Path, help="write here instead of in place (with several DIRs: OUT/<dir name>)")
-    x.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    x.add_argument("--threads", type=number(int, 1, 256), default=2, help="torch CPU threads (default: %(default)s)")
     x.add_argument("--work", type=Path, help="data cache for the quality check (default ~/.cache/wavecast)")
     x.add_argument("--no-quality", action="store_true",
                    help="skip the held-out quality check (keeps the manifest's earlier figures)")

@@ -59,8 +59,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:
             entry = await loop.run_in_executor(None, self.store.resolve, name)
-        except KeyError as e:
-            raise ApiError(404, "unknown_model", str(e.args[0])) from None
+        except KeyError:
+            latest = await loop.run_in_executor(None, self.store.latest)
+            known = ", ".join(n for n, e in latest.items() if e.manifest.kind == kind) or "none"
+            field = "composer" if kind == "composer" else "model"
+            raise ApiError(404, "unknown_model", f"no {kind} is called '{name[:64]}' (the {kind}s here: {known}); "
+                           f"name one in '{field}', or train one with 'wavecast train {kind}'") from None
         if entry.manifest.kind != kind:
             field = "composer" if entry.manifest.kind == "composer" else "model"
             raise ApiError(422, "wrong_model_kind", f"'{name}' is a {entry.manifest.kind}, not an {kind}; "

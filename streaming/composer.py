@@ -12,6 +12,7 @@ tick for every voice whose next note starts at that frame, so composing costs on
 from __future__ import annotations
 
 import functools
+import json
 import math
 import threading
 from collections.abc import Mapping
@@ -145,8 +146,9 @@ class ComposerModel:
         for key, value in want.items():
             have = m.vocabulary.get(key)
             if have != value and not (key == "durations" and np.allclose(have or [0], value)):
-                raise ModelError(f"{self.directory / MANIFEST}: field 'vocabulary.{key}' is {have!r}, this wavecast "
-                                 f"expects {value!r} (streaming/notes.py); retrain with 'wavecast train composer'")
+                raise ModelError(f"{self.directory / MANIFEST}: field 'vocabulary.{key}' is {json.dumps(have)}, this "
+                                 f"wavecast expects {json.dumps(value)} (streaming/notes.py); retrain with 'wavecast "
+                                 "train composer'")
         graph = checked_graph(self.directory, m)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         try:

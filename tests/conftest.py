@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped default model, a real `wavecast serve` subprocess, HTTP helpers."""
+"""Shared fixtures: the shipped default model, a real `wavecast serve` subprocess, HTTP helpers; strict skips."""
 
 from __future__ import annotations
 
@@ -93,3 +93,49 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("serve"))
     yield s
     stop_server(s)
+
+
+# Strict skips (WAVECAST_STRICT_SKIPS=1, set by .ci/run). CI installs everything the tests need but a GPU, so any
+# other skip means a test quietly stopped testing (torch installed and a torch test skipped, fluidsynth installed
+# and a data test skipped...): it fails the run and is listed. A skip the environment may cause says "no CUDA" or
+# "no GPU" in its reason.
+EXPECTED_SKIP = re.compile(r"\bno (CUDA|GPU)\b")
+unexpected_skips: list[str] = []
+
+
+def strict_skips() -> bool:
+    return os.environ.get("WAVECAST_STRICT_SKIPS", "0") not in ("", "0")
+
+
+def note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not EXPECTED_SKIP.search(reason):
+        unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    note_skip(report)  # a module that skips itself while it is collected (importorskip at module level)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    note_skip(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if strict_skips() and unexpected_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not (strict_skips() and unexpected_skips):
+        return
+    terminalreporter.section("unexpected skips (WAVECAST_STRICT_SKIPS is set: they fail the run)", red=True)
+    for line in unexpected_skips:
+        terminalreporter.line(line)
+    terminalreporter.line("Install what they need (./install train,bench,test; as root .ci/run also installs the "
+                          "Debian packages) and run again; a skip that only a missing GPU may cause must say "
+                          "'no CUDA' or 'no GPU' in its reason.")

@@ -109,4 +109,4 @@ def test_serve_takes_no_token_on_the_command_line(tmp_path: Path) -> None:
 
 def test_serve_refuses_to_start_on_an_unknown_model() -> None:
     result = wavecast("serve", "--port", "0", "--model", "nope")
-    assert result.returncode == 2 and "unknown model 'nope'" in result.stderr
+    assert result.returncode == 2 and "no instrument is called 'nope'" in result.stderr

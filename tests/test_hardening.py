@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
+import shutil
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import ROOT, Server, start_server, stop_server
 from wavecast.daemon.client import Listener
 
 TONE = {"seed": 1, "controls": {"f0": 440, "loudness": -20}}
@@ -123,6 +126,9 @@ def test_unknown_and_mistyped_fields_are_named(server: Server) -> None:
         assert_error(status, body, 422, "invalid_request", "'seed'")
         status, body = server.request("POST", "/v1/streams", {"model": "../../etc/passwd"})
         assert_error(status, body, 422, "invalid_request", "'model'", "GET /v1/models")
+        status, body = server.request("POST", "/v1/streams", {"composer": "nope"})
+        message = assert_error(status, body, 404, "unknown_model", "composers here: folk", "train composer")
+        assert "instrument" not in message
         status, body = server.request("POST", "/v1/streams", {"model": "folk"})
         assert_error(status, body, 422, "wrong_model_kind", "'composer'")
         status, body = server.request("POST", "/v1/streams", {"composer": "folk", "controls": {"scale": 5}})
@@ -293,3 +299,28 @@ def test_a_second_sigterm_stops_at_once(tmp_path: Path) -> None:
         if code != 0:
             break
     assert code == 1 and "stopping now" in server.log.read_text()
+
+
+def test_the_readme_curl_examples_work(tmp_path: Path) -> None:
+    """The README's curl lines (they send JSON with its Content-Type) against a real daemon with the default
+    flags; the device line needs a sound card and is left to tests/test_device.py."""
+    assert shutil.which("curl"), "curl is missing; .ci/run installs it (apt-get install curl)"
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.split("   #")[0] for line in readme.splitlines() if line.startswith("curl ")]
+    assert len(lines) >= 5
+    server = start_server(tmp_path)
+    try:
+        port, sid = server.url.rsplit(":", 1)[1], None
+        for line in lines:
+            if "/device" in line:
+                continue
+            line = line.replace("localhost:8765", f"localhost:{port}")
+            if sid is not None:
+                line = line.replace("/ID", f"/{sid}")
+            out = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=30)
+            body = json.loads(out.stdout)
+            assert "error" not in body, (line, body)
+            if line.split()[2].endswith("/v1/streams"):
+                sid = body["id"]
+    finally:
+        stop_server(server)

@@ -13,7 +13,7 @@ from wavecast.streaming.analysis import estimate_f0
 from wavecast.streaming.engine import render
 from wavecast.streaming.model import FrameModel
 
-pytest.importorskip("torch", reason="training needs the 'train' extra: pip install -e '.[train]'")
+pytest.importorskip("torch", reason="training needs the 'train' extra: ./install train")
 
 
 @pytest.mark.slow
