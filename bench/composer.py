@@ -1,6 +1,6 @@
 """What the composer writes and what a composer step costs.
 
-Run from the repository root:  .venv/bin/python bench/composer.py [--seconds 60] [--seed 7] [--out FILE]
+Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/composer.py [--seconds 60] [--seed 7] [--out FILE]
 Renders a composed piece through the engine (the same path as a live stream), writes its WAV, MIDI, a PNG
 (piano roll over spectrogram) and JSON with figures about the notes: how many, how many in the requested
 scale, the phrases (runs ended by a rest or a note twice the median length), how often 4-note melodic

@@ -1,6 +1,6 @@
 """What a frame and a stream cost: ticks through the real Engine, batching, ORT vs torch, memory, pitch, roofline.
 
-Run from the repository root:  .venv/bin/python bench/engine.py [--quick] [--device cuda] [--out FILE]
+Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/engine.py [--quick] [--device cuda] [--out FILE]
 Prints a table to stdout, progress to stderr, and writes JSON (default bench/out/engine.json).
 Every CPU measurement uses one intra-op thread. Compared costs (batched vs per-stream calls, ORT vs torch)
 are timed alternately in the same loop, so load from other processes hits both sides alike: trust the

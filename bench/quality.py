@@ -1,6 +1,6 @@
 """Does the neural instrument sound like the instrument? Quality figures on its held-out data.
 
-Run from the repository root:  .venv/bin/python bench/quality.py [--quick] [--model-dir DIR ...]
+Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/quality.py [--quick] [--model-dir DIR ...]
 For each instrument model it rebuilds the model's data recipe from its manifest (same FluidSynth renders,
 same cache as `wavecast train`), takes the held-out performances, renders each through the engine
 (`streaming.engine.render`, the live code path) with every frame's exact (f0, loudness) from the data and

@@ -1,6 +1,6 @@
 """What a person driving wavecast over WebRTC on localhost feels: first audio, control latency, gaps.
 
-Run from the repository root:  .venv/bin/python bench/webrtc.py [--reps N] [--buffer-frames F] [--quick]
+Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/webrtc.py [--reps N] [--buffer-frames F] [--quick]
 Starts `wavecast serve --port 0 --ice-host 127.0.0.1` (all traffic stays on 127.0.0.1), then per repetition
 creates a stream (f0 440 or 660 Hz, loudness -20 dB), connects an aiortc client (daemon/client.py), steers f0
 once over the `controls` data channel and once by HTTP PATCH, and deletes the stream. Every received 20 ms
