@@ -96,6 +96,14 @@ def read_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("WAVECAST_TOKEN") or None
 
 
+def drop_client_errors(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot parse (a request line over 8 KiB, a bad header) as an ERROR with a
+    traceback; it is the client's fault, already answered with a 4xx, and would let any client fill the log."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
 async def serve(args: argparse.Namespace, token: str | None) -> None:
     from aiohttp import web
 
@@ -106,6 +114,7 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
     from wavecast.daemon.service import Daemon
     from wavecast.models.store import ModelStore
 
+    logging.getLogger("aiohttp.server").addFilter(drop_client_errors)
     if args.ice_host:
         use_ice_host(args.ice_host)
     limits = Limits(**{name: getattr(args, name) for name in asdict(Limits())})
@@ -248,6 +257,42 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_versions(args: argparse.Namespace) -> int:
+    """`wavecast models versions|rollback|delete`: the store's versions of one model, on the store directly."""
+    from wavecast.models.store import ModelStore, VersionRefused
+
+    store = ModelStore(args.store)
+    try:
+        if args.action == "rollback":
+            before = store.resolve(args.name).manifest.version
+            entry = store.rollback(args.name, args.version)
+            print(f"'{args.name}': version {entry.manifest.version} is current (was {before}); a running daemon's "
+                  "new streams play it", file=sys.stderr)
+        elif args.action == "delete":
+            entry = store.delete(args.name, args.version)
+            print(f"deleted version {args.version} of '{args.name}' ({entry.directory})", file=sys.stderr)
+        else:
+            versions = store.versions(args.name)
+            if args.json:
+                print(json.dumps([v.summary() | {"path": str(v.entry.directory)} for v in versions], indent=2))
+                return 0
+            print(f"{'version':>7}  {'current':<7}  {'from':<8} {'steps':>7} {'minutes':>7} {'loss':>8}  path")
+            for v in versions:
+                t = v.summary()["training"]
+                minutes = f"{t['seconds'] / 60:.1f}" if isinstance(t.get("seconds"), int | float) else "-"
+                loss = f"{t['final_loss']:.4f}" if isinstance(t.get("final_loss"), int | float) else "-"
+                print(f"{v.entry.manifest.version:>7}  {'*' if v.current else '':<7}  "
+                      f"{'shipped' if v.entry.shipped else 'store':<8} {t.get('steps', '-'):>7} {minutes:>7} "
+                      f"{loss:>8}  {v.entry.directory}")
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except VersionRefused as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from wavecast.daemon.device import DeviceError, list_outputs
 
@@ -271,7 +316,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train instrument' (consumed by models.train.run)."""
     p.add_argument("--instrument", choices=["violin", "cello", "trumpet", "clarinet", "flute"],
                    help="imitate this GM instrument over its own range (f0 control limited to it)")
-    p.add_argument("--name", help="model name to publish under (default: the instrument, else 'default')")
+    p.add_argument("--name", help="model name to publish under (default: the instrument's name, else 'default'; with "
+                                  "--quick 'quick' or 'quick-INSTRUMENT', so a quick run never replaces a model)")
     p.add_argument("--program", type=number(int, 0, 127), default=73,
                    help="without --instrument: GM program (0-based, 73 = flute) over f0 30-2000 Hz")
     p.add_argument("--quick", action="store_true", help="tiny data and few steps: a working model in ~2 min")
@@ -293,7 +339,8 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train composer' (consumed by models.train_composer.run)."""
     from wavecast.models.corpus import COLLECTIONS, SHIPPABLE
 
-    p.add_argument("--name", default="folk", help="model name to publish under (default: %(default)s)")
+    p.add_argument("--name", help="model name to publish under (default: 'folk'; with --quick 'quick-folk', so a "
+                                  "quick run never replaces the composer)")
     p.add_argument("--collections", nargs="+", choices=list(COLLECTIONS), default=list(SHIPPABLE),
                    help="music21 corpus collections to learn from (default: those whose licence allows a shipped "
                         "model: %(default)s)")
@@ -314,6 +361,7 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from wavecast.daemon.limits import Limits
+    from wavecast.models.store import MAX_VERSION
     from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, MAX_BUFFER_FRAMES, MAX_STREAMS
 
     p = argparse.ArgumentParser(prog="wavecast", description="Real-time generative audio from stateful LSTM models.")
@@ -424,10 +472,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the held-out quality check (keeps the manifest's earlier figures)")
     x.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("models", help="list the models the daemon can play")
+    m = sub.add_parser("models", help="list the models the daemon can play; their versions, rollback, delete",
+                       description="List the models (the current version of each), or with an action, one model's "
+                                   "versions. These work on the store directly; no daemon is needed.")
     m.add_argument("--store", type=Path, help=store_help)
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=cmd_models)
+    msub = m.add_subparsers(dest="action", metavar="ACTION")
+    # Given after the action too; SUPPRESS keeps an action's absent flag from hiding the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", type=Path, default=argparse.SUPPRESS, help=store_help)
+    version = number(int, 1, MAX_VERSION)
+    mv = msub.add_parser("versions", parents=[common], help="every version of a model, and which one is current",
+                         description="Every version of a model, shipped or trained, oldest first; '*' marks the "
+                                     "current one, the one that plays by name.")
+    mv.add_argument("name", help="model name")
+    mv.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    mr = msub.add_parser("rollback", parents=[common], help="make an earlier version of a model current again",
+                         description="Make VERSION (default: the one before the current one) the version that plays "
+                                     "by name; a running daemon's new streams play it. Publishing a new version "
+                                     "makes that one current again.")
+    mr.add_argument("name", help="model name")
+    mr.add_argument("version", nargs="?", type=version, help="version to make current (default: the previous one)")
+    md = msub.add_parser("delete", parents=[common], help="delete a trained version (not the current one)",
+                         description="Delete a trained version of a model. The current version and shipped ones "
+                                     "stay: roll back first. Its number is never given to another version. A "
+                                     "running daemon's streams that play it go on (DELETE "
+                                     "/v1/models/NAME/versions/VERSION refuses while one does).")
+    md.add_argument("name", help="model name")
+    md.add_argument("version", type=version, help="version to delete")
+    for action in (mv, mr, md):
+        action.set_defaults(func=cmd_model_versions)
 
     d = sub.add_parser("devices", help="list sound output devices")
     d.add_argument("--json", action="store_true", help="machine-readable output")
