@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from wavecast.daemon.schema import Invalid, check, parse_json
+from wavecast.daemon.schema import MAX_DIGITS, Invalid, check, parse_json
 
 log = logging.getLogger("wavecast.api")
 MAX_BODY_BYTES = 256 * 1024  # an SDP offer is a few KiB
@@ -124,10 +125,9 @@ def query_value(request: web.Request, name: str, schema: dict) -> Any:
         return schema.get("default")
     value: Any = text
     if schema.get("type") == "integer":
-        try:
-            value = int(text)
-        except ValueError:
-            raise ApiError(422, "invalid_query", f"query parameter '{name}' must be a whole number") from None
+        if not re.fullmatch(rf"-?[0-9]{{1,{MAX_DIGITS}}}", text):  # int() would also take ' 1', '1_0' and '١'
+            raise ApiError(422, "invalid_query", f"query parameter '{name}' must be a whole number, e.g. {name}=0")
+        value = int(text)
     try:
         return check(schema, value, name)
     except Invalid as e:

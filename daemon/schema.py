@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 MAX_DEPTH = 16  # no request nests deeper than 4; a body nested past this is refused before parsing
+MAX_DIGITS = 1000  # whole numbers longer than this are not read (Python itself refuses over 4300 digits)
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _KIND = {"object": "an object", "array": "a list", "string": "text", "integer": "a whole number",
          "number": "a number", "boolean": "true or false", "null": "null"}
@@ -39,8 +40,8 @@ def depth(raw: bytes) -> int:
 
 
 def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
-    """JSON from `raw`, refusing (400) text that is not JSON, not UTF-8, non-finite numbers or nesting deeper
-    than MAX_DEPTH; a bad `raw` never reaches a recursive parser."""
+    """JSON from `raw`, refusing (400) text that is not JSON, not UTF-8, non-finite numbers, whole numbers of
+    more than MAX_DIGITS digits or nesting deeper than MAX_DEPTH; a bad `raw` never reaches a recursive parser."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -50,7 +51,7 @@ def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
         raise Invalid(f"{what} nests deeper than {MAX_DEPTH} levels; no request needs more than 4", 400,
                       "malformed_json")
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        return json.loads(raw, parse_constant=_refuse_constant, parse_int=lambda text: _bounded_int(text, what))
     except json.JSONDecodeError as e:
         raise Invalid(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", 400,
                       "malformed_json") from None
@@ -58,6 +59,13 @@ def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
 
 def _refuse_constant(name: str) -> Any:
     raise Invalid(f"JSON has no {name}; send a finite number", 400, "malformed_json")
+
+
+def _bounded_int(text: str, what: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise Invalid(f"{what} has a number of more than {MAX_DIGITS} digits; no field takes one that large", 400,
+                      "malformed_json")
+    return int(text)
 
 
 def kind_of(value: Any) -> str:
@@ -117,7 +125,7 @@ def check(schema: dict, value: Any, path: str = "") -> Any:
 
 
 def _check_number(schema: dict, value: float, where: str) -> None:
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # a whole number of any size is finite
         raise Invalid(f"{where} must be a finite number")
     low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
     if not low <= value <= high:

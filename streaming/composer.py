@@ -84,11 +84,12 @@ def validate_controls(values: object) -> dict[str, Any]:
     for name, value in values.items():
         if name in NUMBERS:
             c = NUMBERS[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    (isinstance(value, float) and not math.isfinite(value)):
                 raise ControlError(f"control '{name}' must be a finite number ({c.min:g} to {c.max:g}, {c.unit})")
             if not c.min <= value <= c.max:
-                raise ControlError(f"control '{name}' = {value:g} is outside [{c.min:g}, {c.max:g}] ({c.unit}); send a "
-                                   "value in that range")
+                raise ControlError(f"control '{name}' is outside [{c.min:g}, {c.max:g}] ({c.unit}); send a value in "
+                                   "that range")
             if c.integer and value != int(value):
                 raise ControlError(f"control '{name}' must be a whole number from {c.min:g} to {c.max:g}")
             checked[name] = int(value) if c.integer else float(value)
@@ -113,7 +114,8 @@ def validate_controls(values: object) -> dict[str, Any]:
 def describe_controls() -> list[dict]:
     """The composer controls as the API lists them."""
     out = [{"name": k, "unit": c.unit, "min": c.min, "max": c.max, "default": c.default} for k, c in NUMBERS.items()]
-    out.append({"name": "scale", "default": CHOICES["scale"], "choices": f"<tonic> <mode>, mode one of {list(MODES)}"})
+    modes = ", ".join(MODES)
+    out.append({"name": "scale", "default": CHOICES["scale"], "choices": f"<tonic> <mode>, mode one of {modes}"})
     out.append({"name": "register", "default": CHOICES["register"], "choices": list(REGISTERS)})
     out.append({"name": "metre", "default": CHOICES["metre"], "choices": list(METRES)})
     return out

@@ -26,11 +26,11 @@ def validate(manifest: Manifest, values: object) -> dict[str, float]:
             raise ControlError(f"unknown control '{name}'; model '{manifest.name}' takes {', '.join(known)}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ControlError(f"control '{name}' must be a number ({ctl.unit}, {ctl.min:g} to {ctl.max:g})")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int of any size is finite
             raise ControlError(f"control '{name}' must be a finite number ({ctl.min:g} to {ctl.max:g} {ctl.unit})")
         if not ctl.min <= value <= ctl.max:
-            raise ControlError(f"control '{name}' = {value:g} is outside [{ctl.min:g}, {ctl.max:g}] {ctl.unit}; "
-                               "send a value in that range")
+            raise ControlError(f"control '{name}' is outside [{ctl.min:g}, {ctl.max:g}] {ctl.unit}; send a value in "
+                               "that range")
         checked[name] = float(value)
     return checked
 

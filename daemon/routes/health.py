@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from wavecast.daemon.api import ERROR, ROUTES, route
+from wavecast.daemon.schema import MAX_DIGITS
 from wavecast.daemon.service import Daemon
 
 HEALTH = {
@@ -88,7 +89,7 @@ async def metrics(request: web.Request) -> web.Response:
 # Statuses any route may answer besides its own (see daemon/api.py's guard).
 COMMON_ERRORS = {401: "no or a wrong token (when the daemon has one)",
                  403: "a foreign Host or Origin header (another web page)"}
-BODY_ERRORS = {400: "the body is not JSON, not UTF-8, or nests too deeply",
+BODY_ERRORS = {400: f"the body is not JSON, not UTF-8, nests too deeply or has a number of over {MAX_DIGITS} digits",
                413: "the body is larger than 256 KiB", 415: "the body is not sent as application/json",
                422: "the body does not fit the schema (the message names the field)"}
 
@@ -111,6 +112,8 @@ def openapi(version: str) -> dict:
             if "{id}" in r.path else []
         params += [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}] \
             if "{name}" in r.path else []
+        params += [{"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}] \
+            if "{version}" in r.path else []
         params += [{"name": name, "in": "query", "required": False, "schema": schema}
                    for name, schema in r.query.items()]
         if params:

@@ -23,7 +23,9 @@ def model_name(what: str) -> dict:
 
 
 CONTROLS = {
-    "type": "object", "maxProperties": 32, "additionalProperties": {"type": ["number", "string"], "maxLength": 100},
+    "type": "object", "maxProperties": 32,
+    # each model checks its own ranges; this bound keeps numbers no float can hold from reaching those checks
+    "additionalProperties": {"type": ["number", "string"], "maxLength": 100, "minimum": -1e9, "maximum": 1e9},
     "description": "controls by name. An instrument's (e.g. f0, loudness) are numbers; a composed stream's are "
                    "tempo, temperature, top_k, density, legato, vibrato, volume, scale, register and metre. "
                    "GET /v1/models/{name} lists each control with its unit, range and default",
@@ -43,7 +45,19 @@ PATCH = {
     "properties": {"controls": CONTROLS,
                    "action": {"enum": list(ACTIONS), "description": "composed streams: pause, play or reset"}},
 }
-NOW_PLAYING = {"type": "object", "required": ["state", "note", "key", "tempo", "notes_played"]}
+NOTE = {
+    "type": "object", "required": ["frame", "frames", "midi", "note", "quarters", "bar", "beat", "key", "tempo"],
+    "properties": {"frame": {"type": "integer"}, "frames": {"type": "integer"},
+                   "midi": {"type": ["integer", "null"], "description": "null for a rest"},
+                   "note": {"type": "string", "description": "e.g. D5, or rest"}, "quarters": {"type": "number"},
+                   "bar": {"type": "integer"}, "beat": {"type": "number"}, "key": {"type": "string"},
+                   "tempo": {"type": "number"}},
+}
+NOW_PLAYING = {
+    "type": "object", "required": ["state", "note", "key", "tempo", "notes_played"],
+    "properties": {"state": {"enum": ["playing", "paused"]}, "note": {"anyOf": [NOTE, {"type": "null"}]},
+                   "key": {"type": "string"}, "tempo": {"type": "number"}, "notes_played": {"type": "integer"}},
+}
 STREAM = {
     "type": "object",
     "required": ["id", "model", "version", "seed", "controls", "state", "underruns", "listeners", "frames",
@@ -51,7 +65,8 @@ STREAM = {
     "properties": {
         "id": {"type": "string"}, "model": {"type": "string"}, "version": {"type": "integer"},
         "seed": {"type": "integer"}, "controls": {"type": "object"},
-        "state": {"enum": ["starting", "playing", "failed"]}, "failure": {"type": "string"},
+        "state": {"enum": ["idle", "playing", "failed"], "description": "idle: nobody listens, so nothing is made"},
+        "failure": {"type": "string"},
         "underruns": {"type": "integer"}, "listeners": {"type": "integer"}, "frames": {"type": "integer"},
         "seconds": {"type": "number"}, "buffered_ms": {"type": ["number", "null"]},
         "latency_ms": {"type": "object"}, "peers": {"type": "integer"}, "encoders": {"type": "integer"},
@@ -61,7 +76,6 @@ STREAM = {
 }
 SINCE = {"type": "integer", "minimum": 0, "default": 0,
          "description": "skip the first N notes ever played, to poll for new ones"}
-NOTE = {"type": "object", "required": ["frame", "frames", "midi", "note", "quarters", "bar", "beat", "key", "tempo"]}
 
 
 def _controls(stream_or_group: Stream | Group | None, raw: Any, composed: bool) -> dict[str, Any]:

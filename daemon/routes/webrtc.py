@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 
 from aiohttp import web
@@ -25,12 +26,14 @@ from wavecast.daemon.peers import PacketTrack
 from wavecast.daemon.routes.streams import PATCH, apply_patch
 from wavecast.daemon.schema import Invalid, check, parse_json
 from wavecast.daemon.service import Daemon
-from wavecast.streaming.engine import RETRY_AFTER_SECONDS, Stream
+from wavecast.streaming.engine import RETRY_AFTER_SECONDS, Stream, describe
 
 log = logging.getLogger("wavecast.api")
 TELEMETRY_SECONDS = 1.0
 TELEMETRY_KEYS = ("id", "state", "latency_ms", "buffered_ms", "underruns", "listeners", "peers", "frames")
 MAX_MESSAGE_BYTES = 16 * 1024
+BUNDLE = re.compile(r"^a=group:BUNDLE[ \t]+(\S+)", re.M)  # its first mid carries the bundled media
+MID = re.compile(r"^a=mid:(\S+)", re.M)
 
 OFFER = {
     "type": "object", "required": ["type", "sdp"], "additionalProperties": False,
@@ -64,11 +67,12 @@ class Peer:
             self.pc.addTrack(self.track)
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await self.pc.setLocalDescription(await self.pc.createAnswer())
-        except Exception as e:  # aiortc raises ValueError and others for SDP it cannot use
+        except Exception as e:  # for SDP it cannot use, aiortc raises anything from ValueError to KeyError
+            log.info("offer refused stream=%s: %s", self.stream.id, describe(e))  # its words are rarely for people
             await self.close()
-            reason = str(e) or type(e).__name__
-            raise ApiError(400, "malformed_sdp", f"cannot answer this offer ({reason}); send an SDP offer with an "
-                                                 "audio m-line, as RTCPeerConnection.createOffer() makes") from None
+            raise ApiError(400, "malformed_sdp", "cannot answer this offer; send an SDP offer with an audio m-line, "
+                                                 "ICE credentials and a DTLS fingerprint, as RTCPeerConnection."
+                                                 "createOffer() makes (the daemon log has the reason)") from None
         return self.pc.localDescription
 
     async def close(self, reason: dict | None = None) -> None:
@@ -90,7 +94,10 @@ class Peer:
                 channel.send(json.dumps({"type": "error", "error": reason}))
             if open_:
                 await asyncio.sleep(0.1)  # let SCTP send it
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception as e:  # aiortc trips over the half-made transports of an offer it refused
+            log.info("closing peer stream=%s: %s", self.stream.id, describe(e))
 
     async def _on_state(self) -> None:
         log.info("peer stream=%s state=%s", self.stream.id, self.pc.connectionState)
@@ -105,18 +112,21 @@ class Peer:
         channel.on("message", lambda message: channel.send(json.dumps(self.reply(message))))
 
     def reply(self, message: str | bytes) -> dict:
-        """The answer to one data-channel message; never raises."""
+        """The answer to one data-channel message; never raises. It carries the message's `id` back wherever the
+        message was read as JSON with a usable one, refused or not, so a client that sends many can tell which
+        was refused (a rate-limited or oversized message is not read)."""
         if self.messages.take("peer"):
             return {"type": "error", "error": {
                 "code": "rate_limited", "message": f"at most {self.messages.rate:g} messages a second (bursts of "
                 f"{self.messages.burst}) per peer; this one was dropped, send the latest state again"}}
-        if len(message) > MAX_MESSAGE_BYTES:
+        size = len(message.encode("utf-8", "surrogatepass")) if isinstance(message, str) else len(message)
+        if size > MAX_MESSAGE_BYTES:  # counted in bytes, as it says: a character may take 4
             return {"type": "error", "error": {"code": "message_too_large",
                                                "message": f"messages are limited to {MAX_MESSAGE_BYTES} bytes"}}
         body: object = None
         try:
-            body = check(MESSAGE, parse_json(message, "the message"))
-            return {"type": "controls", **apply_patch(self.stream, body), **_echo(body)}
+            body = parse_json(message, "the message")
+            return {"type": "controls", **apply_patch(self.stream, check(MESSAGE, body)), **_echo(body)}
         except Invalid as e:
             return {"type": "error", "error": {"code": e.code, "message": e.message}, **_echo(body)}
         except ApiError as e:
@@ -124,7 +134,7 @@ class Peer:
         except Exception:
             log.exception("data-channel message failed stream=%s", self.stream.id)
             return {"type": "error", "error": {"code": "internal", "message": "internal error; the daemon log "
-                                                                             "has the details"}}
+                                                                             "has the details"}, **_echo(body)}
 
     async def announce(self, channel, period: float = 0.02) -> None:
         """What a listener is told without asking: `now_playing` whenever a composed stream starts a note,
@@ -146,7 +156,13 @@ class Peer:
 
 
 def _echo(body: object) -> dict:
-    return {"id": body["id"]} if isinstance(body, dict) and "id" in body else {}
+    """{"id": ...} to add to the reply to `body`, if it has an id that fits MESSAGE's."""
+    if not isinstance(body, dict) or "id" not in body:
+        return {}
+    try:
+        return {"id": check(MESSAGE["properties"]["id"], body["id"], "id")}
+    except Invalid:
+        return {}
 
 
 @route("POST", "/v1/streams/{id}/webrtc", "Listen over WebRTC: an SDP offer in, the answer out", body=OFFER,
@@ -158,6 +174,11 @@ def _echo(body: object) -> dict:
 async def webrtc_offer(request: web.Request, body: dict) -> web.Response:
     d: Daemon = request.app["daemon"]
     stream = d.stream(request)
+    bundle = BUNDLE.search(body["sdp"])
+    if bundle and bundle.group(1) not in MID.findall(body["sdp"]):  # aiortc would leave the media with no transport
+        raise ApiError(400, "malformed_sdp", "the offer's a=group:BUNDLE line starts with a mid that none of its "
+                                             "media sections has (a=mid:); send the offer as "
+                                             "RTCPeerConnection.createOffer() makes it")
     if d.draining:
         raise ApiError(503, "shutting_down", "the daemon is stopping; retry when it is back")
     peers = d.peers.setdefault(stream.id, set())
