@@ -67,6 +67,21 @@ def number(kind: type, low: float, high: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{text} is out of range; give {what} {span}")
         return value
 
+    parse.kind, parse.low, parse.high = kind, low, high  # the jobs API's config schema reads them
+    return parse
+
+
+def model_name() -> Callable[[str], str]:
+    """An argparse type: a model name as the store takes it (a slug); its `pattern` and `description` make the
+    jobs API's config schema."""
+    from wavecast.models.store import NAME, NAME_RULE, valid_name
+
+    def parse(text: str) -> str:
+        if not valid_name(text):
+            raise argparse.ArgumentTypeError(f"'{text[:64]}' is not a model name; use {NAME_RULE}")
+        return text
+
+    parse.pattern, parse.description = f"^{NAME.pattern}$", f"a model name: {NAME_RULE}"
     return parse
 
 
@@ -222,19 +237,232 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 # -- train, models, devices -------------------------------------------------------------------------
-def run_torch_command(module: str, args: argparse.Namespace) -> int:
-    """Run `models.<module>.run`, a command that needs torch (the 'train' extra), or say how to install it."""
+def run_torch_command(module: str, args: argparse.Namespace, bar: TrainingBar | None = None) -> int:
+    """Run `models.<module>.run`, a command that needs torch (the 'train' extra), or say how to install it;
+    with `bar`, the run's log lines and progress go through it."""
     try:
         command = importlib.import_module(f"wavecast.models.{module}")
     except ImportError as e:
         print(f"error: this command needs the 'train' extra ({e}); run: ./install train", file=sys.stderr)
         return 2
+    if bar is not None:
+        from wavecast.models.runs import REPORTING
+
+        REPORTING.line, REPORTING.event = bar.write, bar.progress
     command.run(args, sys.argv[1:])
     return 0
 
 
+class TrainingBar:
+    """The progress bar of a training run (tqdm, on stderr when it is a terminal): the phase, the steps, the loss.
+    Fed by models/runs.py's events in the foreground and by a job's events when following a daemon's job; with
+    `echo`, a stderr that is not a terminal gets a line per step report instead."""
+
+    def __init__(self, label: str, echo: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.tqdm, self.label, self.echo = tqdm, label, echo
+        self.bar = tqdm(desc=label, unit="step", file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.shown: tuple = ()  # the phase and step last echoed
+
+    def progress(self, event: dict) -> None:
+        phase, step, steps, loss = (event.get(k) for k in ("phase", "step", "steps", "loss"))
+        if self.bar.disable:
+            if self.echo and phase and (phase, step) != self.shown:
+                figures = f" step {step}/{steps}" if step is not None else ""
+                figures += f" loss {loss:.4f}" if loss is not None else ""
+                self.write(f"[{self.label}] {phase}{figures}")
+                self.shown = (phase, step)
+        else:
+            if phase:
+                self.bar.set_description_str(f"{self.label} {phase}", refresh=False)
+            if steps and self.bar.total != steps:
+                self.bar.reset(total=steps)
+                self.bar.initial = self.bar.n = step or 0  # the speed counts the steps seen, not a resumed start
+            if step is not None and step >= self.bar.n:
+                self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            self.bar.refresh()
+
+    def write(self, line: str) -> None:
+        self.tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    return run_torch_command("train_composer" if args.what == "composer" else "train", args)
+    if args.daemon:
+        return train_on_daemon(args)
+    args.threads = args.threads or 2
+    bar = TrainingBar(f"train {args.what}")
+    try:
+        return run_torch_command("train_composer" if args.what == "composer" else "train", args, bar)
+    finally:
+        bar.close()
+
+
+# -- jobs: training on a daemon ---------------------------------------------------------------------------
+DEFAULT_DAEMON = "http://127.0.0.1:8765"
+
+
+class DaemonError(Exception):
+    """The daemon refused a request or did not answer; the message says why in words."""
+
+
+def call(url: str, method: str, path: str, body: object = None, timeout: float = 30) -> dict:
+    """A JSON request to the daemon's API, with WAVECAST_TOKEN when it is set."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if os.environ.get("WAVECAST_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['WAVECAST_TOKEN']}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise DaemonError(f"the daemon at {url} answered {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DaemonError(f"no daemon answers at {url} ({getattr(reason, 'strerror', None) or reason}); start one "
+                          "with 'wavecast serve', or give its address with --daemon URL") from None
+
+
+def events(url: str, job_id: str):
+    """The job's server-sent events, as (event, data) pairs, until the daemon closes the stream."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Accept": "text/event-stream"}
+    if os.environ.get("WAVECAST_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['WAVECAST_TOKEN']}"
+    request = urllib.request.Request(f"{url.rstrip('/')}/v1/jobs/{job_id}/events", headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=120)  # the daemon sends a comment every 15 s
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise DaemonError(f"the daemon at {url} answered {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DaemonError(f"no daemon answers at {url} ({getattr(e, 'reason', e)}); give its address with "
+                          "--daemon URL") from None
+    with response:
+        event, data = "message", []
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line:
+                if data:
+                    yield event, json.loads("\n".join(data))
+                event, data = "message", []
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+
+
+def follow(url: str, job_id: str) -> int:
+    """Follow a job's events with the progress bar until it ends; Ctrl-C detaches, the job goes on."""
+    bar = TrainingBar(f"job {job_id}", echo=True)
+    last: dict = {}
+    try:
+        for event, job in events(url, job_id):
+            bar.progress(job)
+            last = job
+            if event == "end":
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        where = "" if url == DEFAULT_DAEMON else f" --daemon {url}"
+        print(f"\ndetached; job {job_id} goes on in the daemon. Follow it with 'wavecast jobs follow {job_id}{where}', "
+              f"cancel it with 'wavecast jobs cancel {job_id}{where}'", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    return report_end(last)
+
+
+def report_end(job: dict) -> int:
+    state, result = job.get("state"), job.get("result") or {}
+    if state == "succeeded":
+        print(f"job {job['id']} succeeded: published '{result['model']}' version {result['version']}",
+              file=sys.stderr)
+        return 0
+    if state in ("queued", "running"):
+        print(f"job {job.get('id')} is {state}; the daemon closed the event stream (is it stopping?)", file=sys.stderr)
+        return 1
+    print(f"job {job.get('id')} {state}: {job.get('error') or 'no reason given'}", file=sys.stderr)
+    for line in job.get("log_tail", [])[-5:]:
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+def job_config(args: argparse.Namespace) -> dict:
+    """The options given on the command line, as a job's config: those left at their default are not sent, so
+    the job takes its own (threads 1)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    (add_composer_train_arguments if args.what == "composer" else add_train_arguments)(parser)
+    config = {}
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in ("store", "out", "work"):
+            if value is not None:
+                raise DaemonError(f"--{action.dest} is not for a job: the daemon publishes to its own store and uses "
+                                  "its own work directory; leave it out, or train here without --daemon")
+        elif value != action.default:
+            config[action.dest] = value
+    return config
+
+
+def train_on_daemon(args: argparse.Namespace) -> int:
+    try:
+        job = call(args.daemon, "POST", "/v1/jobs", {"kind": args.what, "config": job_config(args)})
+        print(f"job {job['id']} {job['state']} on {args.daemon}", file=sys.stderr)
+        return follow(args.daemon, job["id"])
+    except DaemonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "follow":
+            return follow(args.daemon, args.id)
+        if args.action in ("cancel", "resume"):
+            path = f"/v1/jobs/{args.id}" + ("/resume" if args.action == "resume" else "")
+            if args.action == "cancel" and args.keep_checkpoint:
+                path += "?keep_checkpoint=true"
+            job = call(args.daemon, "POST" if args.action == "resume" else "DELETE", path, timeout=60)
+            kept = args.action == "cancel" and job.get("checkpoint_step")
+            print(f"job {job['id']} {job['state']}" + (f"; its checkpoint at step {kept} is kept: 'wavecast jobs "
+                                                      f"resume {job['id']}' goes on from it" if kept else ""),
+                  file=sys.stderr)
+            return 0
+        jobs = call(args.daemon, "GET", "/v1/jobs")["jobs"]
+    except DaemonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    print(f"{'id':<22} {'kind':<10} {'state':<11} {'step':>13} {'loss':>8} {'eta':>7}  result")
+    for j in jobs:
+        step = f"{j['step'] or 0}/{j['steps']}" if j.get("steps") else "-"
+        loss = f"{j['loss']:.4f}" if j.get("loss") is not None else "-"
+        eta = f"{j['eta_seconds'] / 60:.1f} m" if j.get("eta_seconds") is not None else "-"
+        result = j.get("result") or {}
+        said = f"{result['model']} v{result['version']}" if "model" in result else (j.get("error") or "")
+        print(f"{j['id']:<22} {j['kind']:<10} {j['state']:<11} {step:>13} {loss:>8} {eta:>7}  {said[:80]}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -316,8 +544,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train instrument' (consumed by models.train.run)."""
     p.add_argument("--instrument", choices=["violin", "cello", "trumpet", "clarinet", "flute"],
                    help="imitate this GM instrument over its own range (f0 control limited to it)")
-    p.add_argument("--name", help="model name to publish under (default: the instrument's name, else 'default'; with "
-                                  "--quick 'quick' or 'quick-INSTRUMENT', so a quick run never replaces a model)")
+    p.add_argument("--name", type=model_name(),
+                   help="model name to publish under (default: the instrument's name, else 'default'; with "
+                        "--quick 'quick' or 'quick-INSTRUMENT', so a quick run never replaces a model)")
     p.add_argument("--program", type=number(int, 0, 127), default=73,
                    help="without --instrument: GM program (0-based, 73 = flute) over f0 30-2000 Hz")
     p.add_argument("--quick", action="store_true", help="tiny data and few steps: a working model in ~2 min")
@@ -329,7 +558,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for data, init and batches")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
-    p.add_argument("--threads", type=number(int, 1, 256), default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 1, 256), help="torch CPU threads (default 2; 1 in a daemon's job)")
     p.add_argument("--work", type=Path, help="data cache and checkpoints (default ~/.cache/wavecast)")
     p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
     p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
@@ -339,8 +568,9 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train composer' (consumed by models.train_composer.run)."""
     from wavecast.models.corpus import COLLECTIONS, SHIPPABLE
 
-    p.add_argument("--name", help="model name to publish under (default: 'folk'; with --quick 'quick-folk', so a "
-                                  "quick run never replaces the composer)")
+    p.add_argument("--name", type=model_name(),
+                   help="model name to publish under (default: 'folk'; with --quick 'quick-folk', so a "
+                        "quick run never replaces the composer)")
     p.add_argument("--collections", nargs="+", choices=list(COLLECTIONS), default=list(SHIPPABLE),
                    help="music21 corpus collections to learn from (default: those whose licence allows a shipped "
                         "model: %(default)s)")
@@ -353,7 +583,7 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for init, batches and augmentation")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
-    p.add_argument("--threads", type=number(int, 1, 256), default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 1, 256), help="torch CPU threads (default 2; 1 in a daemon's job)")
     p.add_argument("--work", type=Path, help="corpus cache and checkpoints (default ~/.cache/wavecast)")
     p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
     p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
@@ -401,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stream_burst": "stream creations a client may make at once before --stream-rate applies",
         "message_rate": "data-channel messages a second per WebRTC peer (an error reply beyond)",
         "message_burst": "data-channel messages a peer may send at once before --message-rate applies",
+        "max_jobs": "training jobs queued and running together (POST /v1/jobs answers 429 beyond)",
+        "job_concurrency": "training jobs that run at once, each in a worker process of its own",
     }
     for name, value in asdict(Limits()).items():
         kind, low, high = (int, 1, MAX_STREAMS if name == "max_streams" else 100_000) if isinstance(value, int) \
@@ -454,6 +686,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      "verify (parity; held-out NLL against unigram and bigram baselines), publish.")
     add_composer_train_arguments(tc)
     tc.set_defaults(func=cmd_train)
+    for kind in (ti, tc):
+        kind.add_argument("--daemon", metavar="URL", help="train in a running daemon's worker process instead: submit "
+                          f"the job (e.g. to {DEFAULT_DAEMON}) and follow its progress; Ctrl-C detaches")
+
+    j = sub.add_parser("jobs", help="a daemon's training jobs: list, follow, cancel, resume",
+                       description="The training jobs of a running daemon (POST /v1/jobs; 'wavecast train ... "
+                                   "--daemon URL' submits one). Without an action, list them.")
+    j.add_argument("--daemon", metavar="URL", default=DEFAULT_DAEMON, help="the daemon (default: %(default)s)")
+    j.add_argument("--json", action="store_true", help="machine-readable output")
+    j.set_defaults(func=cmd_jobs, action=None)
+    jsub = j.add_subparsers(dest="action", metavar="ACTION")
+    on_daemon = argparse.ArgumentParser(add_help=False)  # --daemon after the action too, not hiding one before it
+    on_daemon.add_argument("--daemon", metavar="URL", default=argparse.SUPPRESS, help="the daemon")
+    jf = jsub.add_parser("follow", parents=[on_daemon], help="follow a job's progress until it ends (Ctrl-C detaches)")
+    jc = jsub.add_parser("cancel", parents=[on_daemon], help="cancel a job: its worker stops, its temporary files go")
+    jc.add_argument("--keep-checkpoint", action="store_true",
+                    help="keep its checkpoint, so that 'wavecast jobs resume ID' goes on from it")
+    jr = jsub.add_parser("resume", parents=[on_daemon], help="queue an interrupted, failed or cancelled job again "
+                         "(it goes on from its checkpoint, if it has one)")
+    for action in (jf, jc, jr):
+        action.add_argument("id", help="the job's id (wavecast jobs lists them)")
 
     x = sub.add_parser("export", help="re-export a trained instrument's graph with today's synthesis (no retraining)",
                        description="Read the trained weights back out of each instrument's model.onnx, check them "

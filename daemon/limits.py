@@ -21,3 +21,5 @@ class Limits:
     stream_burst: int = 40
     message_rate: float = 100.0  # data-channel messages a second per peer
     message_burst: int = 200
+    max_jobs: int = 16  # training jobs queued and running together
+    job_concurrency: int = 1  # training jobs that run at once, each a worker process

@@ -14,9 +14,11 @@ from aiohttp import web
 
 from wavecast.daemon.api import ApiError, Guard, RateLimit
 from wavecast.daemon.device import DeviceOutput
+from wavecast.daemon.jobs import Jobs
 from wavecast.daemon.limits import Limits
 from wavecast.daemon.peers import ENCODER_DELAY_SAMPLES, PACKET_SAMPLES, SAMPLE_RATE, Encoding, StreamEncoder
-from wavecast.models.store import ModelStore
+from wavecast.daemon.swap import Follower
+from wavecast.models.store import ModelStore, UnknownVersion, default_work
 from wavecast.streaming.composer import ComposerGroup, ComposerModel
 from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Group, Stream
 from wavecast.streaming.model import FrameModel, ModelError
@@ -43,12 +45,16 @@ class Daemon:
         self.outputs: dict[str, DeviceOutput] = {}
         self.started = time.time()
         self.errors = 0
+        self.jobs = Jobs(store.root.parent / "jobs", store.root, default_work(), limits)  # training workers
         self.draining = False
         self._loading: dict[str, asyncio.Lock] = {}
+        self.follower = Follower(self)  # moves following streams to new versions; starts with the first model
 
     # -- models -------------------------------------------------------------------------------------
     async def group(self, name: str) -> Group:
-        """The loaded group for the newest version of instrument `name`, loading it off the loop if needed."""
+        """The loaded group for the current version of instrument `name` (or version N of 'name@N'), loading
+        it off the loop if needed."""
+        self.follower.start()
         return await self._load(name, "instrument", self.engine.groups, FrameModel, self.engine.add_model)
 
     async def composer(self, name: str) -> ComposerGroup:
@@ -59,6 +65,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:
             entry = await loop.run_in_executor(None, self.store.resolve, name)
+        except UnknownVersion as e:
+            raise ApiError(404, "unknown_version", e.args[0]) from None
         except KeyError:
             latest = await loop.run_in_executor(None, self.store.latest)
             known = ", ".join(n for n, e in latest.items() if e.manifest.kind == kind) or "none"
@@ -67,11 +75,13 @@ class Daemon:
                            f"name one in '{field}', or train one with 'wavecast train {kind}'") from None
         if entry.manifest.kind != kind:
             field = "composer" if entry.manifest.kind == "composer" else "model"
-            raise ApiError(422, "wrong_model_kind", f"'{name}' is a {entry.manifest.kind}, not an {kind}; "
+            article = "an" if kind == "instrument" else "a"
+            raise ApiError(422, "wrong_model_kind", f"'{name}' is a {entry.manifest.kind}, not {article} {kind}; "
                            f"name it in '{field}' (GET /v1/models lists which is which)")
         key = (entry.manifest.name, entry.manifest.version)
         async with self._loading.setdefault(name, asyncio.Lock()):
-            if key not in loaded:
+            found = loaded.get(key)  # (the engine may unload a version nobody uses at any moment: look once)
+            if found is None:
                 if self.loaded_models() >= self.limits.max_models:
                     raise ApiError(503, "too_many_models", f"this daemon holds at most {self.limits.max_models} "
                                    "model versions at once (--max-models); use a model that is loaded already "
@@ -80,9 +90,9 @@ class Daemon:
                     model = await loop.run_in_executor(None, loader, entry.directory)
                 except ModelError as e:
                     raise ApiError(500, "model_unusable", f"{e}; see the daemon log") from None
-                await loop.run_in_executor(None, add, model)  # an instrument is timed here for admission
+                found = await loop.run_in_executor(None, add, model)  # an instrument is timed here for admission
                 log.info("model loaded name=%s version=%s kind=%s", *key, kind)
-        return loaded[key]
+        return found
 
     def loaded_models(self) -> int:
         return len(self.engine.groups) + len(self.engine.composers)
@@ -129,12 +139,15 @@ class Daemon:
         """Drain: every WebRTC listener is told why and hung up, device outputs close, the engine stops; at
         most DRAIN_SECONDS, then the engine stops whatever is left."""
         self.draining = True
+        await self.follower.stop()
+        jobs = asyncio.ensure_future(self.jobs.shutdown())  # workers stop (jobs interrupted) while listeners hear
         reason = {"code": "shutdown", "message": "the daemon is stopping; reconnect when it is back"}
         try:
             await asyncio.wait_for(asyncio.gather(*(self.close_stream(s, reason)
                                                     for s in list(self.engine.streams.values()))), DRAIN_SECONDS)
         except TimeoutError:
             log.warning("drain took longer than %.0f s; stopping anyway", DRAIN_SECONDS)
+        await jobs
         self.engine.stop()
 
     def limit_metrics(self) -> dict[str, float]:

@@ -1,9 +1,14 @@
 """The model store: shipped models (read-only, in the package) plus trained versions in a store directory.
 
-Layout: ``<store>/<name>/<version:06d>/{model.onnx, model.json}``, real files (no symbolic links). Publishing
-checks a candidate against the store's policy and the frame-model contract, copies it into a hidden
-directory beside its final place, then renames it into place, so a reader sees a version whole or not at
-all. No torch here: the daemon imports this.
+Layout: ``<store>/<name>/<version:06d>/{model.onnx, model.json}`` (plus ``training.json`` and ``curve.png`` when
+the run wrote them), real files (no symbolic links), and ``<store>/<name>/current``, the number of the version
+that plays by name, written by a rollback (without it, the newest plays). Publishing checks a candidate against
+the store's policy and the frame-model contract, copies it into a hidden directory beside its final place, then
+renames it into place and removes the pointer, so a reader sees a version whole or not at all and the new one
+is current. A rollback writes the pointer (a temp file renamed over it); a delete renames the version to a
+hidden name before removing it, and leaves a ``.deleted-<version>`` marker so that its number never names
+another model (``name@3`` means one model forever). Changes to one name's versions hold a lock on
+``<store>/<name>``. No torch here: the daemon imports this.
 
 The store owns the gate (POLICIES): what a model must measure to be published lives here, in the code that
 enforces it, never in the manifest it judges. A manifest's own limits and thresholds may only tighten it.
@@ -11,14 +16,15 @@ enforces it, never in the manifest it judges. A manifest's own limits and thresh
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import logging
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +38,10 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 NAME_RULE = "1-64 lowercase letters, digits, '-' or '_', beginning with a letter or digit"
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a candidate's graph: a plain name, no path
 VERSION = re.compile(r"[0-9]+")  # a version directory's name is the version as %06d
+MAX_VERSION = 999_999_999
+POINTER = "current"  # <store>/<name>/current: the number of the version that plays by name
+TOMBSTONE = ".deleted-"  # <store>/<name>/.deleted-000003: version 3 was deleted; no other model gets its number
+EXTRAS = ("training.json", "curve.png")  # a training run's log and loss curve: published beside its model
 
 # "max" = at most, "below" = less than (both bound a metric from above), "above" = more than.
 UPPER, LOWER = ("max", "below"), ("above",)
@@ -212,6 +222,16 @@ def default_work() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wavecast"
 
 
+def default_name(kind: str, quick: bool, instrument: str | None = None) -> str:
+    """The name a training run publishes under without --name: the instrument's, 'default' or 'folk'. A quick
+    run (a model in a minute or two, to try things) gets a name of its own, 'quick', 'quick-violin' or
+    'quick-folk', so it never replaces the model that `serve` and `render` play by that name."""
+    base = instrument or ("folk" if kind == "composer" else "default")
+    if not quick:
+        return base
+    return "quick" if base == "default" else f"quick-{base}"
+
+
 @dataclass(frozen=True)
 class Entry:
     manifest: Manifest
@@ -219,8 +239,41 @@ class Entry:
     shipped: bool
 
 
+@dataclass(frozen=True)
+class Version:
+    """One version of a model, and whether it is the one that plays by name."""
+
+    entry: Entry
+    current: bool
+
+    def summary(self) -> dict:
+        """What `wavecast models versions` and GET /v1/models/NAME/versions show of it."""
+        m, d = self.entry.manifest, self.entry.directory
+        training = m.training if isinstance(m.training, dict) else {}
+        return {"version": m.version, "kind": m.kind, "current": self.current, "shipped": self.entry.shipped,
+                "training": {k: training[k] for k in ("command", "steps", "seconds", "final_loss", "heldout_loss")
+                             if k in training},
+                "files": [f for f in EXTRAS if real_file(d / f)]}
+
+
 class InvalidModelName(KeyError):
     """A name that cannot be a model's (a KeyError, so callers that answer 'unknown model' still do)."""
+
+
+class UnknownVersion(KeyError):
+    """A model that has no such version (a KeyError, as an unknown model is)."""
+
+
+class VersionRefused(Exception):
+    """A rollback or delete the store will not do: `code` says why, the message what to do instead."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def listing(versions: Mapping[int, Entry]) -> str:
+    return ", ".join(str(v) for v in sorted(versions))
 
 
 class ModelStore:
@@ -252,29 +305,139 @@ class ModelStore:
                     found.append(Entry(m, d, shipped))
         return found
 
-    def latest(self) -> dict[str, Entry]:
-        """The newest version of each model; a trained version beats a shipped one of the same number."""
-        best: dict[str, Entry] = {}
+    def models(self) -> dict[str, dict[int, Entry]]:
+        """Every model's versions by number; a trained version beats a shipped one of the same number."""
+        found: dict[str, dict[int, Entry]] = {}
         for e in self.entries():
-            cur = best.get(e.manifest.name)
-            if cur is None or (e.manifest.version, not e.shipped) > (cur.manifest.version, not cur.shipped):
-                best[e.manifest.name] = e
-        return dict(sorted(best.items()))
+            versions = found.setdefault(e.manifest.name, {})
+            if e.manifest.version not in versions or versions[e.manifest.version].shipped:
+                versions[e.manifest.version] = e
+        return dict(sorted(found.items()))
+
+    def current(self, name: str, versions: Mapping[int, Entry]) -> int:
+        """The version of `name` that plays by name: the pointer's, else (no pointer, or it names a version
+        that is not there) the newest."""
+        try:
+            with (self.root / name / POINTER).open("rb") as f:
+                text = f.read(16).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        pointed = int(text) if VERSION.fullmatch(text) else 0
+        return pointed if pointed in versions else max(versions)
+
+    def latest(self) -> dict[str, Entry]:
+        """The current version of each model (see `current`)."""
+        return {name: versions[self.current(name, versions)] for name, versions in self.models().items()}
 
     def resolve(self, name: str) -> Entry:
-        """The newest version of `name`; KeyError (InvalidModelName for a name no model can have) otherwise."""
-        latest = self.latest()
-        known = ", ".join(latest) or "none"
+        """The current version of model `name`, or exactly version N of a pinned 'NAME@N' (e.g. violin@3);
+        KeyError (InvalidModelName for a name no model can have, UnknownVersion) otherwise."""
+        base, pinned, number = name.partition("@") if isinstance(name, str) else (name, "", "")
+        versions = self.known(base)
+        if not pinned:
+            return versions[self.current(base, versions)]
+        version = int(number) if VERSION.fullmatch(number) and len(number) <= 9 else 0
+        if version not in versions:
+            raise UnknownVersion(f"'{base}' has no version {shown(number)} (its versions: {listing(versions)}); pin "
+                                 f"one as {base}@VERSION, or name '{base}' alone for its current version")
+        return versions[version]
+
+    def known(self, name: str) -> dict[int, Entry]:
+        """The versions of model `name` by number; KeyError (InvalidModelName) when there is no such model."""
+        models = self.models()
+        known = ", ".join(models) or "none"
         if not valid_name(name):
             raise InvalidModelName(f"invalid model name {shown(name)}: a model name is {NAME_RULE} (known: {known})")
-        entry = latest.get(name)
-        if entry is None:
+        if name not in models:
             raise KeyError(f"unknown model '{name}' (known: {known}); 'wavecast train instrument' or 'wavecast train "
                            "composer' makes one")
+        return models[name]
+
+    def versions(self, name: str) -> list[Version]:
+        """Every version of `name`, oldest first, shipped or trained, marking the current one."""
+        versions = self.known(name)
+        current = self.current(name, versions)
+        return [Version(versions[v], v == current) for v in sorted(versions)]
+
+    def rollback(self, name: str, version: int | None = None) -> Entry:
+        """Make `version` of `name` current (default: the newest one before the current one), atomically; what
+        plays `name` from then on plays it. Returns the now-current version."""
+        self.known(name)  # refused before the lock makes a directory for it
+        with self._lock(name):
+            versions = self.known(name)
+            current = self.current(name, versions)
+            if version is None:
+                earlier = [v for v in versions if v < current]
+                if not earlier:
+                    raise VersionRefused("no_earlier_version", f"version {current} is the oldest version of '{name}': "
+                                         f"there is none before it; name the version to make current (versions: "
+                                         f"{listing(versions)})")
+                version = max(earlier)
+            elif version not in versions:
+                raise UnknownVersion(f"'{name}' has no version {version} (its versions: {listing(versions)})")
+            self._point(name, version)
+        log.info("model %s: version %d is current (was %d)", name, version, current)
+        return versions[version]
+
+    def delete(self, name: str, version: int) -> Entry:
+        """Remove trained `version` of `name`; never a shipped one, never the current one (roll back first).
+        The version is renamed to a hidden name, then removed, so a reader sees it whole or not at all."""
+        self.known(name)
+        with self._lock(name):
+            versions = self.known(name)
+            entry = versions.get(version)
+            if entry is None:
+                raise UnknownVersion(f"'{name}' has no version {version} (its versions: {listing(versions)})")
+            if entry.shipped:
+                raise VersionRefused("version_shipped", f"version {version} of '{name}' ships with wavecast (it is "
+                                     "part of the installed package) and cannot be deleted; to stop it playing, "
+                                     "make another version current (rollback)")
+            if version == self.current(name, versions):
+                others = [v for v in versions if v != version]
+                raise VersionRefused("version_current", f"version {version} of '{name}' is its current version; "
+                                     + (f"make another current first (wavecast models rollback {name} "
+                                        f"{max(others)}, or POST /v1/models/{name}/rollback), then delete it"
+                                        if others else f"it is its only version; to remove the model itself, "
+                                        f"delete {self.root / name}"))
+            directory = self.root / name
+            (directory / f"{TOMBSTONE}{version:06d}").touch()
+            trash = Path(tempfile.mkdtemp(prefix=f".deleting-{version:06d}-", dir=directory))
+            os.rename(entry.directory, trash / entry.directory.name)
+        shutil.rmtree(trash)
+        log.info("model %s: version %d deleted", name, version)
         return entry
 
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        """Hold a lock on `name`'s directory: its versions and pointer change in one process at a time (the
+        daemon, the CLI, training runs)."""
+        directory = self.root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+            yield
+        finally:
+            os.close(fd)
+
+    def _point(self, name: str, version: int) -> None:
+        """Make `version` current: a temp file renamed over the pointer, so readers see the old or the new one."""
+        directory = self.root / name
+        fd, tmp = tempfile.mkstemp(prefix=".current-", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{version}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, directory / POINTER)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def publish(self, candidate: Path) -> Entry:
-        """Publish a candidate directory as the next version of its model; returns the new entry.
+        """Publish a candidate directory as the next version of its model, which makes it current (the newest
+        is current where no rollback points elsewhere, and publishing removes the pointer); returns the new
+        entry. Its training log and curve (EXTRAS) come along when it has them.
 
         Refused with the reason (a ModelError naming the file and field) when its name or files are not a
         model's, its verification block misses the store's policy, or its graph breaks the contract. The
@@ -300,22 +463,29 @@ class ModelStore:
             shutil.copyfile(graph, staging / GRAPH)
             if file_sha256(staging / GRAPH) != manifest.onnx["sha256"]:
                 raise ModelError(f"{graph}: changed while it was being published; publish it again")
-            taken = [e.manifest.version for e in self.entries() if e.manifest.name == manifest.name]
-            taken += [int(v.name) for v in target_parent.iterdir() if VERSION.fullmatch(v.name)]
-            version = max(taken, default=0) + 1
+            for extra in EXTRAS:
+                if (candidate / extra).is_symlink():
+                    raise ModelError(f"{candidate / extra}: is a symbolic link; publish a directory that holds the "
+                                     "files themselves")
+                if real_file(candidate / extra):
+                    shutil.copyfile(candidate / extra, staging / extra)
             verification = {**manifest.verification, **verdict.policy.record()}
-            while True:  # another publish may take the version first: take the next one
+            with self._lock(manifest.name):
+                taken = [e.manifest.version for e in self.entries() if e.manifest.name == manifest.name]
+                for v in target_parent.iterdir():
+                    number = v.name.removeprefix(TOMBSTONE)
+                    if VERSION.fullmatch(number) and len(number) <= 9:
+                        taken.append(int(number))
+                version = max(taken, default=0) + 1
+                if version > MAX_VERSION:
+                    raise ModelError(f"{target_parent}: '{manifest.name}' has used up its version numbers; publish "
+                                     "under another name (--name)")
                 published = replace(manifest, version=version, onnx={**manifest.onnx, "file": GRAPH},
                                     verification=verification)
                 published.write(staging)
                 final = target_parent / f"{version:06d}"
-                try:
-                    os.rename(staging, final)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                        raise
-                    version += 1
+                os.rename(staging, final)
+                (target_parent / POINTER).unlink(missing_ok=True)  # no pointer: the newest, this one, is current
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -19,11 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wavecast.models import corpus, data, instrument, quality
+from wavecast.models import corpus, data, instrument, quality, runs
 from wavecast.models.export import export_onnx, state_shapes, verify_parity, verify_pitch
 from wavecast.models.instrument import Instrument, InstrumentConfig
-from wavecast.models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
-from wavecast.models.store import NAME_RULE, POLICIES, default_work, valid_name
+from wavecast.models.runs import (
+    CHECKPOINT_EVERY,
+    PROGRESS_EVERY,
+    Checkpoint,
+    deliver,
+    learning_rate,
+    progress,
+    timings,
+    write_record,
+)
+from wavecast.models.store import NAME_RULE, POLICIES, default_name, default_work, valid_name
 from wavecast.streaming.model import FrameModel, Manifest
 
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
@@ -43,7 +51,7 @@ def note_hz(note: int) -> float:
 
 
 def log(msg: str) -> None:
-    print(f"[train] {msg}", file=sys.stderr, flush=True)
+    runs.log(msg)
 
 
 def code_revision() -> str:
@@ -97,7 +105,7 @@ def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, devi
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     started, revision = time.time(), code_revision()  # the code this run starts with
-    args.name = args.name or args.instrument or "default"
+    args.name = args.name or default_name("instrument", args.quick, args.instrument)
     if not valid_name(args.name):  # refused before the training run, not at publish time after it
         raise SystemExit(f"error: --name '{args.name}' is not a model name: use {NAME_RULE}")
     torch.set_num_threads(args.threads)
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     f0_range = [max(30.0, round(note_hz(recipe.low_note), 2)), min(2000.0, round(note_hz(recipe.high_note), 2))]
     work = args.work or default_work()
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
+    runs.report("data")
     dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
 
     cfg = InstrumentConfig(hidden=args.hidden)
@@ -154,12 +163,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             log(progress(done, steps, history, lr, rate))
         if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
             checkpoint.save(model, optimizer, done, history, earlier_seconds + time.time() - started)
+    trained_at = time.time()
     heldout_loss = evaluate(model, dataset.heldout, min(frames, 100), args.device)
     log(f"held-out spectral loss {heldout_loss:.4f}")
 
     trained = model.cpu().eval()
     model = Instrument(cfg).eval()  # the shipped synthesis, same weights
     model.load_state_dict(trained.state_dict())
+    runs.report("export")
     with tempfile.TemporaryDirectory(prefix="wavecast-export-") as tmp:
         candidate = Path(tmp)
         onnx = export_onnx(model, candidate)
@@ -176,6 +187,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         }, "candidate")
         manifest.write(candidate)
         frame_model = FrameModel(candidate, device="cpu")
+        runs.report("verify")
         log(f"verifying: torch vs ONNX Runtime over 240 stateful steps, pitch within {f0_range} Hz")
         parity = verify_parity(model, frame_model)
         pitch = verify_pitch(frame_model, tuple(f for f in PITCH_CHECKS if f0_range[0] <= f <= f0_range[1]))
@@ -184,7 +196,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         assessed, _ = quality.assess(frame_model, dataset.heldout, log=lambda line: log(f"quality: {line}"))
         verification = {"parity": parity, "pitch": pitch, "quality": quality.verification_quality(assessed),
                         **POLICIES["instrument"].record()}
-        log("quality: " + ", ".join(f"{k} {v:.3g}" for k, v in assessed["metrics"].items()))
+        log("quality: " + ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} unmeasured"
+                                     for k, v in assessed["metrics"].items()))
         final = {
             **manifest.to_dict(),
             "source": {"soundfont": data.SOUNDFONT.name, "gm_program": recipe.program,
@@ -203,6 +216,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "verification": verification,
         }
         (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
+        write_record(candidate, final, history, timings(started, t0, trained_at, first, steps), "spectral loss",
+                     heldout_loss)
         where, done = deliver(candidate, "instrument", work, args.name, args.out, args.store,
                               lambda d: FrameModel(d, device="cpu"), "train longer with --steps, or check the data")
     checkpoint.remove()  # the run is complete; a rerun starts afresh

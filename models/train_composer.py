@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,10 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wavecast.models import composer, corpus
+from wavecast.models import composer, corpus, runs
 from wavecast.models.composer import Composer, ComposerConfig, event_nll, export_onnx, state_shapes, verify_parity
-from wavecast.models.runs import CHECKPOINT_EVERY, PROGRESS_EVERY, Checkpoint, deliver, learning_rate, progress
-from wavecast.models.store import NAME_RULE, POLICIES, default_work, valid_name
+from wavecast.models.runs import (
+    CHECKPOINT_EVERY,
+    PROGRESS_EVERY,
+    Checkpoint,
+    deliver,
+    learning_rate,
+    progress,
+    timings,
+    write_record,
+)
+from wavecast.models.store import NAME_RULE, POLICIES, default_name, default_work, valid_name
 from wavecast.models.train import code_revision
 from wavecast.streaming import notes
 from wavecast.streaming.composer import ComposerModel
@@ -41,7 +49,7 @@ EVAL_BATCH = 32
 
 
 def log(msg: str) -> None:
-    print(f"[train] {msg}", file=sys.stderr, flush=True)
+    runs.log(msg)
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,7 @@ def baseline_nll(train: list[Song], heldout: list[Song]) -> dict:
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     started, revision = time.time(), code_revision()  # the code this run starts with
+    args.name = args.name or default_name("composer", args.quick)
     if not valid_name(args.name):  # refused before the training run, not at publish time after it
         raise SystemExit(f"error: --name '{args.name}' is not a model name: use {NAME_RULE}")
     torch.set_num_threads(args.threads)
@@ -165,6 +174,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     corpus_key = corpus.cache_key(collections, limit)
     log(f"corpus: music21 {', '.join(collections)}" + (f", first {limit} tunes each" if limit else "")
         + f" (cache {corpus_key})")
+    runs.report("data")
     tunes = corpus.load(collections, limit, cache_dir=work / "data", progress=lambda line: log(f"corpus: {line}"))
     held = [t.heldout for t in tunes]
     if not any(held):  # a small corpus may have none by hash: hold out its last tune
@@ -208,6 +218,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         if done % CHECKPOINT_EVERY == 0 or done == steps:  # the last one too: a failed export resumes here
             checkpoint.save(model, optimizer, done, history, earlier_seconds + time.time() - started)
 
+    trained_at = time.time()
     log(f"held-out NLL on {len(heldout)} tunes, against unigram and bigram baselines")
     baselines = baseline_nll(train, heldout)
     nll = model_nll(model, heldout, args.device)
@@ -216,9 +227,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         f"bigram {baselines['bigram_nll']:.4f} (ratio {ratio:.3f})")
 
     model = model.cpu().eval()
+    runs.report("export")
     with tempfile.TemporaryDirectory(prefix="wavecast-export-") as tmp:
         candidate = Path(tmp)
         onnx = export_onnx(model, candidate)
+        runs.report("verify")
         log(f"verifying: torch vs ONNX Runtime over {PARITY_STEPS} stateful steps")
         parity = verify_parity(model, candidate / onnx["file"], steps=PARITY_STEPS)
         log(f"parity max |torch-ORT| logits {parity['max_abs_logits']:.2e}")
@@ -251,6 +264,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         }
         Manifest.from_dict(final, "candidate")  # the fields the loader needs, checked before anything is written
         (candidate / "model.json").write_text(json.dumps(final, indent=2) + "\n")
+        write_record(candidate, final, history, timings(started, t0, trained_at, first, steps), "nats per event", nll)
         where, done = deliver(candidate, "composer", work, args.name, args.out, args.store, ComposerModel,
                               "train longer with --steps, or use more tunes")
     checkpoint.remove()  # the run is complete; a rerun starts afresh

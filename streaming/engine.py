@@ -12,6 +12,13 @@ reach a listener) -> the rings (one array write). Only composed streams do Pytho
 performer). Each model group runs in its own guard: a group whose call raises is quarantined and its
 streams fail with the reason, while every other group keeps its real time.
 
+Hot swap: `Engine.swap` moves a stream to another version of its model between ticks. Its new slot starts
+from states warmed off the inference thread (`warm`: a few frames of the new model on the stream's
+controls; the oscillator's phase is then taken from the old slot, so old and new are in phase), its readers
+move with its ring (`Rings.move`), and for CROSSFADE_SECONDS both models play it: each tick the old slot is
+run first and the new slot's frame becomes old * cos + new * sin (equal power) before it is written. Then the
+old slot is released. Only the frames of a moving stream cost an extra call, and only while it fades.
+
 Admission: each group knows its cost (fixed + per stream, measured when the model is loaded and
 corrected by the ticks' measured times), and the engine refuses a stream that would push the predicted
 tick past `budget` of a frame.
@@ -46,6 +53,9 @@ BUDGET = 0.7  # share of a frame the predicted tick may take before new streams 
 RETRY_AFTER_SECONDS = 10
 LOG_EVERY_SECONDS = 10.0
 NO_ROWS = np.zeros(0, np.intp)
+CROSSFADE_SECONDS = 0.03  # equal-power crossfade of a stream moving to a new version (>= 20 ms)
+WARM_FRAMES = 20  # frames a new version runs on a moving stream's controls before it is heard
+SHARED_STATES = ("phase",)  # states carried from the old slot to the new: the oscillator's running phase
 BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # batch sizes a CUDA group pads to: few shapes to plan for
 
 
@@ -118,6 +128,8 @@ class Group:
         self.failure: str | None = None
         self.call_seconds = 0.0  # the last model call alone: the rest of a tick is the engine's own work
         self.guarded_frames = 0  # frames whose samples the guard had to clip or silence
+        self.fades: dict[int, Fade] = {}  # slots of streams moving in, by slot (inference thread only)
+        self.removed = False  # unloaded by `Engine.remove_model`; a new stream puts it back
 
     def predicted_seconds(self, streams: int) -> float:
         return self.fixed_seconds + self.stream_seconds * streams if streams else 0.0
@@ -146,9 +158,22 @@ class Group:
 
         self.pool.run(slots, b, call, self.active)
         audio = self.audio[:n]
+        if self.fades:
+            self.crossfade(slots, audio)
         bad = self.guard(audio)
         self.rings.write(slots, audio)
         return bad
+
+    def crossfade(self, slots: np.ndarray, audio: np.ndarray) -> None:
+        """Mix the old version's frame into the rows of streams moving in (see `Fade`)."""
+        for slot, fade in self.fades.items():
+            if fade.ready:
+                row = int(np.searchsorted(slots, slot))
+                if row < len(slots) and slots[row] == slot:
+                    audio[row] *= fade.fade_in[fade.done]
+                    audio[row] += fade.fade_out[fade.done] * fade.frame
+                    fade.done += 1
+                fade.ready = False
 
     def guard(self, audio: np.ndarray) -> np.ndarray:
         """Silence rows with NaN or inf and clip rows beyond [-1, 1], in place; returns the silenced rows."""
@@ -165,13 +190,36 @@ class Group:
         return bad
 
 
-class Stream:
-    """One generated stream; listeners read it through their own `Reader`."""
+class Fade:
+    """A stream moving from slot `old_slot` of group `old` to a new group: the equal-power gains of each
+    of its fade frames ([frames, hop]; cos^2 + sin^2 = 1 at every sample), and this tick's frame of the
+    old version (`ready` once the old slot has run this tick)."""
 
-    def __init__(self, group: Group, slot: int, seed: int, voice: Voice | None = None) -> None:
+    def __init__(self, stream: Stream, old: Group, old_slot: int) -> None:
+        hop = old.manifest.hop
+        frames = max(1, math.ceil(CROSSFADE_SECONDS / old.manifest.frame_seconds - 1e-9))
+        angle = (np.arange(frames * hop) + 0.5) * (0.5 * math.pi / (frames * hop))
+        self.stream, self.old, self.old_slot, self.frames = stream, old, old_slot, frames
+        self.slots = np.array([old_slot], np.intp)
+        self.fade_out = np.cos(angle).astype(np.float32).reshape(frames, hop)
+        self.fade_in = np.sin(angle).astype(np.float32).reshape(frames, hop)
+        self.frame = np.zeros(hop, np.float32)
+        self.ready = False
+        self.done = 0  # fade frames written
+
+
+class Stream:
+    """One generated stream; listeners read it through their own `Reader`. `follows`: it moves to each new
+    current version of its model; a stream pinned to a version (`name@N`) does not."""
+
+    def __init__(self, group: Group, slot: int, seed: int, voice: Voice | None = None, follows: bool = True) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.group = group
         self.slot = slot
+        self.follows = follows
+        self.moving: Group | None = None  # the group it is moving to, from `Engine.swap` to the fade's end
+        self.fade: Fade | None = None
+        self.lock = threading.Lock()  # (group, slot) change together under it; readers join and leave under it
         self.seed = seed
         self.voice = voice  # a composed stream: the voice sets f0 and loudness every frame
         self.played = [group.controls.index[n] for n in ("f0", "loudness")] if voice else []
@@ -191,12 +239,14 @@ class Stream:
         return self.group.rings.readers[self.slot]
 
     def listen(self) -> Reader:
-        return self.group.rings.reader(self.slot)
+        with self.lock:
+            return self.group.rings.reader(self.slot)
 
     def unlisten(self, reader: Reader) -> None:
-        if not reader.closed:
-            self.closed_underruns += reader.underruns
-        self.group.rings.close(reader)
+        with self.lock:
+            if not reader.closed:
+                self.closed_underruns += reader.underruns
+            reader.rings.close(reader)
 
     @property
     def underruns(self) -> int:
@@ -204,7 +254,8 @@ class Stream:
 
     def set_controls(self, values: Mapping[str, float]) -> None:
         """New (validated) control targets; the next frame made starts moving to them."""
-        self.group.controls.set(self.slot, values)
+        with self.lock:
+            self.group.controls.set(self.slot, values)
 
     def controls(self) -> dict[str, float]:
         return self.group.controls.as_dict(self.slot)
@@ -237,7 +288,8 @@ class Stream:
             composed = {"composer": v.group.manifest.name, "composer_version": v.group.manifest.version,
                         "now_playing": v.now_playing()}
         return {
-            "id": self.id, "model": m.name, "version": m.version, "seed": self.seed, **composed,
+            "id": self.id, "model": m.name, "version": m.version, "follows": self.follows, "seed": self.seed,
+            **composed,
             "controls": self.voice.settings if self.voice else self.controls(),
             "state": self.state, **({"failure": self.failure} if self.failure else {}),
             "underruns": self.underruns, "listeners": len(self.readers), "frames": self.frames,
@@ -258,6 +310,8 @@ class Stats:
     last_tick_seconds: float = 0.0
     last_model_seconds: float = 0.0  # of the last tick, the time inside the model calls
     max_model_seconds: float = 0.0  # the longest such time so far
+    swaps: int = 0  # streams moved to another version of their model
+    unloaded: int = 0  # model versions unloaded (no stream used them)
     composer_steps: int = 0  # batched composer calls
     notes: int = 0  # notes (and rests) composed
     refused: int = 0  # streams refused by admission control
@@ -284,7 +338,8 @@ class Engine:
         self.streams: dict[str, Stream] = {}
         self.stats = Stats()
         self._faults = Throttled(log)
-        self._pending: deque[tuple[Stream, Callable[[], None]]] = deque()  # slot changes for the inference thread
+        self._pending: deque[tuple[Stream | None, Callable[[], None]]] = deque()  # for the inference thread
+        self._fades: list[Fade] = []  # streams moving between versions (inference thread only)
         self._admit = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -323,12 +378,14 @@ class Engine:
                 "predicted_tick_ms": round(1000 * self.predicted_seconds(), 3), "overhead": round(self.overhead, 3)}
 
     def create_stream(self, group: Group, seed: int, controls: Mapping[str, Any],
-                      composer: ComposerGroup | None = None, keep_notes: int | None = 2000) -> Stream:
+                      composer: ComposerGroup | None = None, keep_notes: int | None = 2000,
+                      follows: bool = True) -> Stream:
         """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated).
         Raises EngineSaturated when it would break real time, ModelFailed for a quarantined model."""
         if group.failure is not None:
             raise ModelFailed(group.failure)
         with self._admit:
+            group = self._keep(group)
             if self.budget is not None:
                 predicted = self.predicted_seconds(extra=group)
                 budget = self.budget * group.manifest.frame_seconds
@@ -356,12 +413,14 @@ class Engine:
                 group.admitted -= 1
                 raise EngineSaturated("the composer has all its slots in use; retry later") from None
             composer.pool.reset(voice.slot)
+            with self._admit:  # put back if `remove_model` took it meanwhile
+                self.composers.setdefault((composer.manifest.name, composer.manifest.version), composer)
             controls = {}
         group.rings.reset(slot)
         group.controls.reset(slot, controls)
         group.composed[slot] = voice is not None
         group.keys[slot] = stream_key(seed)
-        stream = Stream(group, slot, seed, voice)
+        stream = Stream(group, slot, seed, voice, follows)
         group.streams[slot] = stream
         self.streams[stream.id] = stream
 
@@ -376,22 +435,162 @@ class Engine:
     def delete_stream(self, stream_id: str) -> Stream | None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            group = stream.group
-            group.active[stream.slot] = False
-            group.composed[stream.slot] = False
-            group.admitted -= 1
+            with stream.lock:  # not while it moves to another group
+                group, slot = stream.group, stream.slot
+            group.active[slot] = False
+            group.composed[slot] = False
+            with self._admit:
+                group.admitted -= 1
 
             def release() -> None:  # after the tick that may still be writing the slot
-                group.streams[stream.slot] = None
-                group.rings.reset(stream.slot)
-                group.pool.release(stream.slot)
+                group.streams[slot] = None
+                group.rings.reset(slot)
+                group.pool.release(slot)
                 if stream.voice is not None and stream.voice.slot is not None:
                     stream.voice.group.pool.release(stream.voice.slot)
                     stream.voice.slot = None
+                if stream.fade is not None:
+                    self._end_fade(stream.fade)
 
             self._pending.append((stream, release))
             self.notify()
         return stream
+
+    def _keep(self, group: Group) -> Group:
+        """`group` as loaded (under `_admit`): an unloaded group is put back, or the one loaded again since."""
+        if group.removed:
+            group.removed = False
+            return self.groups.setdefault((group.manifest.name, group.manifest.version), group)
+        return group
+
+    def warm(self, stream: Stream, group: Group, frames: int = WARM_FRAMES) -> dict[str, np.ndarray]:
+        """States for `stream` in `group` after `frames` frames of its model on the stream's current
+        controls (its own noise): the new version's LSTM settles before anyone hears it. Runs off the
+        inference thread (ONNX Runtime sessions take concurrent calls); its arrays are its own."""
+        old, slot = stream.group, stream.slot
+        values = dict(zip(old.controls.names, old.controls.current[slot].tolist(), strict=True))
+        row = np.array([values.get(c.name, c.default) for c in group.manifest.controls], np.float32)
+        noise = np.empty((frames, group.manifest.noise), np.float32)
+        first = max(0, stream.frames - frames)
+        group.noise_table.fill(np.full(frames, old.keys[slot]), np.arange(first, first + frames), noise)
+        _, states = group.model.run(np.tile(row, (1, frames, 1)), noise[None], group.model.zero_states(1))
+        return states
+
+    def swap(self, stream: Stream, group: Group, states: Mapping[str, np.ndarray]) -> None:
+        """Move `stream` to `group` (another version of its model) at the next tick boundary, starting from
+        warmed `states` (see `warm`), with an equal-power crossfade. Raises EngineSaturated when `group` has
+        no free slot, ValueError when its controls differ from the stream's model's."""
+        old = stream.group
+        if stream.moving is not None:
+            raise ValueError(f"stream {stream.id} is already moving to another version; wait for it to arrive")
+        if [c.name for c in old.manifest.controls] != [c.name for c in group.manifest.controls]:
+            raise ValueError(f"version {group.manifest.version} of '{group.manifest.name}' takes other controls "
+                             f"than version {old.manifest.version}; create a new stream for it")
+        with self._admit:
+            group = self._keep(group)
+            try:
+                slot = group.pool.allocate()
+            except PoolFull:
+                raise EngineSaturated(f"model '{group.manifest.name}' v{group.manifest.version} has all its "
+                                      f"{group.capacity} slots in use") from None
+            group.admitted += 1
+        stream.moving = group
+
+        def move() -> None:  # on the inference thread, between ticks
+            with stream.lock:  # delete_stream reads (group, slot) under it
+                if stream.id in self.streams and stream.failure is None:
+                    self._move(stream, group, slot, states)
+                    return
+            self._drop(group, slot)
+            stream.moving = None
+
+        self._pending.append((stream, move))
+        self.notify()
+
+    def _move(self, stream: Stream, group: Group, slot: int, states: Mapping[str, np.ndarray]) -> None:
+        """`swap`'s move, on the inference thread under the stream's lock."""
+        old, old_slot = stream.group, stream.slot
+        group.pool.reset(slot)
+        group.pool.scatter(np.array([slot], np.intp), states)
+        for spec in group.pool.states:  # in phase with the old slot: the crossfade cannot cancel itself
+            if spec.name in SHARED_STATES and spec in old.pool.states:
+                axis = spec.batch_axis
+                group.pool.pool[spec.name][StatePool._index(axis, slot)] = \
+                    old.pool.pool[spec.name][StatePool._index(axis, old_slot)]
+        group.keys[slot], group.composed[slot] = old.keys[old_slot], old.composed[old_slot]
+        group.controls.targets[slot] = old.controls.targets[old_slot]
+        group.controls.current[slot] = old.controls.current[old_slot]
+        group.streams[slot] = stream
+        old.rings.move(old_slot, group.rings, slot)
+        stream.group, stream.slot = group, slot
+        old.composed[old_slot] = False
+        group.active[slot] = True
+        stream.fade = group.fades[slot] = Fade(stream, old, old_slot)
+        self._fades.append(stream.fade)
+        self.stats.swaps += 1
+        log.info("stream moving id=%s model=%s from v%d to v%d", stream.id, group.manifest.name,
+                 old.manifest.version, group.manifest.version)
+
+    def remove_model(self, group: Group | ComposerGroup) -> None:
+        """Unload `group` at the next tick boundary if no stream uses it then (a new stream puts it back)."""
+        def remove() -> None:
+            with self._admit:
+                loaded = self.composers if isinstance(group, ComposerGroup) else self.groups
+                key = (group.manifest.name, group.manifest.version)
+                if loaded.get(key) is not group or len(group.pool.free) < group.pool.capacity:
+                    return
+                if isinstance(group, Group):
+                    if group.admitted:
+                        return
+                    group.removed = True
+                del loaded[key]
+            self.stats.unloaded += 1
+            log.info("model unloaded name=%s version=%s (no stream uses it)", *key)
+
+        self._pending.append((None, remove))
+        self.notify()
+
+    def _drop(self, group: Group, slot: int) -> None:
+        """Release a slot whose stream has left it (inference thread)."""
+        group.active[slot] = group.composed[slot] = False
+        group.streams[slot] = None
+        group.rings.reset(slot)
+        group.pool.release(slot)
+        with self._admit:
+            group.admitted -= 1
+
+    def _end_fade(self, fade: Fade) -> None:
+        """The stream plays its new version alone; its old slot goes back (inference thread)."""
+        stream = fade.stream
+        stream.group.fades.pop(stream.slot, None)
+        self._fades.remove(fade)
+        self._drop(fade.old, fade.old_slot)
+        stream.fade = stream.moving = None
+
+    def _fade_sources(self, work: list[tuple[Group, np.ndarray]]) -> None:
+        """This tick's frame of the old version for each moving stream the tick generates, run before the
+        new version's batch mixes it in; a fade that is over ends here."""
+        for fade in list(self._fades):
+            if fade.done >= fade.frames:
+                self._end_fade(fade)
+                continue
+            stream, old = fade.stream, fade.old
+            if old.failure is not None:  # nothing left to fade from
+                self._end_fade(fade)
+                continue
+            due = next((slots for g, slots in work if g is stream.group), NO_ROWS)
+            if not np.any(due == stream.slot):
+                continue
+            new = stream.group
+            old.controls.targets[fade.old_slot] = new.controls.targets[stream.slot]
+            old.controls.current[fade.old_slot] = new.controls.current[stream.slot]
+            try:
+                old.run(fade.slots)
+            except Exception as e:
+                self._quarantine(old, e)
+                continue
+            fade.frame[:] = old.audio[0]
+            fade.ready = True
 
     def notify(self) -> None:
         """Wake the inference thread: a listener has taken audio or the streams changed."""
@@ -411,14 +610,16 @@ class Engine:
             try:
                 op()
             except Exception as e:  # neither stops the tick, and the stream is not lost silently
-                self._faults.error("pending", "engine: setting up or releasing stream %s failed: %s", stream.id,
-                                   describe(e))
+                self._faults.error("pending", "engine: setting up, moving or releasing a stream (%s) failed: %s",
+                                   stream.id if stream else "none", describe(e))
                 self._fail(stream, f"the engine could not set the stream up: {describe(e)}")
         work = [(g, slots) for g in list(self.groups.values()) if g.failure is None and len(slots := g.needy())]
         if not work:
             return 0
         started = time.perf_counter()
         self._compose(work)
+        if self._fades:
+            self._fade_sources(work)
         predicted, made, model_seconds = 0.0, 0, 0.0
         for group, slots in work:
             if group.failure is not None:  # its composer failed it during this tick

@@ -12,6 +12,11 @@ listener that already had audio underruns, up to `max_ahead`.
 
 A reader whose slot was released and reused (its stream deleted) reads silence: every slot carries a
 generation that `reset` bumps.
+
+A stream that moves to another model version takes its readers along (`move`): its ring's samples and
+counters are copied into its new slot and each reader is rebound to (rings, slot, generation) by replacing
+one tuple, which another thread sees whole. Positions count samples since the stream began in both rings,
+so a reader goes on from the same sample: nothing skipped, nothing repeated, no gap.
 """
 
 from __future__ import annotations
@@ -43,6 +48,20 @@ class Rings:
         self.front[slot] = 0
         self.ahead[slot] = self.initial_ahead
 
+    def move(self, slot: int, to: Rings, to_slot: int) -> None:
+        """Hand the stream in `slot`, its samples, fill and readers, to `to_slot` of `to` (inference thread,
+        between ticks; the caller holds the stream's lock so no reader joins or leaves meanwhile)."""
+        to.data[to_slot] = self.data[slot]
+        for counter in ("written", "front", "ahead"):
+            getattr(to, counter)[to_slot] = getattr(self, counter)[slot]
+        readers, generation = self.readers[slot], int(to.generation[to_slot])
+        for r in readers:
+            r.at = (to, to_slot, generation)
+        to.readers[to_slot] = readers
+        to._update(to_slot)
+        self.readers[slot] = []
+        self.listeners[slot] = 0
+
     def write(self, slots: np.ndarray, audio: np.ndarray) -> None:
         """Append one frame `audio[i]` to the ring of each `slots[i]` (slots distinct)."""
         self._framed[slots, self.written[slots] % self.frames] = audio
@@ -61,11 +80,11 @@ class Rings:
         return r
 
     def close(self, reader: Reader) -> None:
-        slot = reader.slot
-        if reader.generation == self.generation[slot]:
+        rings, slot, generation = reader.at
+        if rings is self and generation == self.generation[slot]:
             self.readers[slot] = [r for r in self.readers[slot] if r is not reader]
             self._update(slot)
-        reader.generation = -1
+        reader.at = (rings, slot, -1)
 
     def _update(self, slot: int) -> None:
         readers = self.readers[slot]
@@ -78,22 +97,29 @@ class Reader:
     """One listener's cursor. A short read plays silence for the missing part and counts an underrun."""
 
     def __init__(self, rings: Rings, slot: int, position: int) -> None:
-        self.rings = rings
-        self.slot = slot
-        self.generation = int(rings.generation[slot])
+        self.at = (rings, slot, int(rings.generation[slot]))  # replaced whole when the stream moves (Rings.move)
         self.position = position
         self.underruns = 0
         self.overruns = 0  # times this reader fell a whole ring behind and skipped ahead
         self.heard = False  # has had real audio (underruns before that are the stream starting up)
 
     @property
+    def rings(self) -> Rings:
+        return self.at[0]
+
+    @property
+    def slot(self) -> int:
+        return self.at[1]
+
+    @property
     def closed(self) -> bool:
-        return self.generation != self.rings.generation[self.slot]
+        rings, slot, generation = self.at
+        return generation != rings.generation[slot]
 
     def read(self, out: np.ndarray) -> int:
         """Fill `out` with the next samples; returns how many were real audio (the rest is silence)."""
-        rings, slot = self.rings, self.slot
-        if self.closed:
+        rings, slot, generation = self.at
+        if generation != rings.generation[slot]:
             out[:] = 0.0
             return 0
         written = int(rings.written[slot]) * rings.hop

@@ -61,7 +61,8 @@ def post(url: str, body: dict) -> tuple[int, dict, dict]:
 
 
 def test_http_answers_503_with_retry_after(tmp_path: Path) -> None:
-    server = start_server(tmp_path, args=("--tick-budget", "0.2"))  # 2 ms: room for one stream on a slow CI core
+    server = start_server(tmp_path, args=("--tick-budget", "0.2", "--stream-rate", "1000", "--stream-burst", "1000"))
+    # 2 ms of tick: room for one stream on a slow CI core, dozens on an idle one (the rate limit stays out of it)
     try:
         created = []
         for seed in range(500):

@@ -78,7 +78,7 @@ def test_quick_training_writes_a_verified_composer(tmp_path: Path) -> None:
     assert f"wrote {out}" in result.stderr
     model = ComposerModel(out)
     m = model.manifest
-    assert m.kind == "composer" and m.name == "folk"
+    assert m.kind == "composer" and m.name == "quick-folk"
     assert json.loads((out / "model.json").read_text())["version"] == 1
     assert m.training["command"].startswith("wavecast train composer --quick")
     assert m.training["steps"] > 0 and m.training["code_revision"] and m.training["corpus_cache_key"]
@@ -96,7 +96,7 @@ def test_quick_training_writes_a_verified_composer(tmp_path: Path) -> None:
                                         {s.name: np.zeros(s.concrete(2), np.float32) for s in m.states})
     assert pitch.shape == (2, 1, PITCH_TOKENS) and duration.shape == (2, 1, len(DURATIONS))
     assert np.isfinite(pitch).all() and set(states) == {"h", "c"}
-    assert list((work / "runs").glob("folk-*.pt")) == []  # a finished run leaves no checkpoint behind
+    assert list((work / "runs").glob("quick-folk-*.pt")) == []  # a finished run leaves no checkpoint behind
     # Publishing checks it through the composer contract; one that does not beat the bigram is refused.
     store = ModelStore(tmp_path / "store", shipped=tmp_path / "no-shipped")
     entry = store.publish(out)

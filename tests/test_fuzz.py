@@ -40,7 +40,7 @@ from wavecast.streaming.engine import Stream
 
 # Limits generous enough that the fuzzer meets validation, not only 429s; --max-streams still caps what it makes.
 SERVE_ARGS = ("--max-streams", "8", "--stream-rate", "1000", "--stream-burst", "1000",
-              "--message-rate", "1000", "--message-burst", "1000")
+              "--message-rate", "1000", "--message-burst", "1000", "--max-jobs", "1")  # a fuzzed job really trains
 EXAMPLES = 40  # generated cases per route and mode (valid, invalid), besides schemathesis' boundary cases
 TONE = {"seed": 1, "controls": {"f0": 440, "loudness": -20}}
 PIECE = {"model": "violin", "composer": "folk", "seed": 2}
@@ -49,7 +49,8 @@ REPR = re.compile(r"\bNone\b|got '|Traceback|Error\(|object at 0x")
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("fuzz"), args=SERVE_ARGS)
+    tmp = tmp_path_factory.mktemp("fuzz")
+    s = start_server(tmp, extra_env={"XDG_CACHE_HOME": str(tmp / "cache")}, args=SERVE_ARGS)
     yield s
     stop_server(s)
 

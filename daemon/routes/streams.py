@@ -17,9 +17,16 @@ from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, Strea
 log = logging.getLogger("wavecast.api")
 
 def model_name(what: str) -> dict:
-    return {"type": "string", "pattern": "[a-z0-9][a-z0-9_-]{0,63}",
+    return {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$",
             "description": f"{what}: a model name of lower-case letters, digits, '-' and '_' (GET /v1/models "
                            "lists them)"}
+
+
+PINNABLE = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}(@[1-9][0-9]{0,8})?$", "default": "default",
+            "description": "the instrument that plays: a model name of lower-case letters, digits, '-' and '_' "
+                           "(GET /v1/models lists them). By name alone the stream follows the model: it moves to "
+                           "each new current version (a publish or a rollback) with a crossfade; 'name@N' (e.g. "
+                           "violin@3) pins version N, which the stream keeps"}
 
 
 CONTROLS = {
@@ -33,7 +40,7 @@ CONTROLS = {
 CREATE = {
     "type": "object", "additionalProperties": False,
     "properties": {
-        "model": model_name("the instrument that plays") | {"default": "default"},
+        "model": PINNABLE,
         "composer": model_name("a composer that writes the notes (omit it for a stream steered by controls)"),
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1,
                  "description": "the same seed and controls give the same audio; random when omitted"},
@@ -60,10 +67,12 @@ NOW_PLAYING = {
 }
 STREAM = {
     "type": "object",
-    "required": ["id", "model", "version", "seed", "controls", "state", "underruns", "listeners", "frames",
+    "required": ["id", "model", "version", "follows", "seed", "controls", "state", "underruns", "listeners", "frames",
                  "seconds", "buffered_ms", "latency_ms", "peers", "encoders", "device"],
     "properties": {
         "id": {"type": "string"}, "model": {"type": "string"}, "version": {"type": "integer"},
+        "follows": {"type": "boolean", "description": "true: it moves to each new current version of its model; "
+                                                      "false: it is pinned to its version"},
         "seed": {"type": "integer"}, "controls": {"type": "object"},
         "state": {"enum": ["idle", "playing", "failed"], "description": "idle: nobody listens, so nothing is made"},
         "failure": {"type": "string"},
@@ -122,7 +131,7 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
     if composer is None:
         controls = _controls(group, body.get("controls", {}), composed=False)
     try:
-        stream = d.engine.create_stream(group, seed, controls, composer)
+        stream = d.engine.create_stream(group, seed, controls, composer, follows="@" not in name)
     except EngineSaturated as e:
         raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
     except ModelFailed as e:
