@@ -311,19 +311,17 @@ class DaemonError(Exception):
     """The daemon refused a request or did not answer; the message says why in words."""
 
 
-def call(url: str, method: str, path: str, body: object = None, timeout: float = 30) -> dict:
-    """A JSON request to the daemon's API, with WAVECAST_TOKEN when it is set."""
+def open_daemon(url: str, path: str, headers: dict[str, str], method: str = "GET", data: bytes | None = None,
+                timeout: float = 30):
+    """An HTTP response from the daemon's API (with WAVECAST_TOKEN when it is set), or DaemonError in words."""
     import urllib.error
     import urllib.request
 
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if os.environ.get("WAVECAST_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['WAVECAST_TOKEN']}"
-    data = json.dumps(body).encode() if body is not None else None
+        headers = headers | {"Authorization": f"Bearer {os.environ['WAVECAST_TOKEN']}"}
     request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         try:
             message = json.loads(e.read())["error"]["message"]
@@ -336,26 +334,18 @@ def call(url: str, method: str, path: str, body: object = None, timeout: float =
                           "with 'wavecast serve', or give its address with --daemon URL") from None
 
 
+def call(url: str, method: str, path: str, body: object = None, timeout: float = 30) -> dict:
+    """A JSON request to the daemon's API."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    with open_daemon(url, path, headers, method, data, timeout) as response:
+        return json.loads(response.read() or b"{}")
+
+
 def events(url: str, job_id: str):
     """The job's server-sent events, as (event, data) pairs, until the daemon closes the stream."""
-    import urllib.error
-    import urllib.request
-
-    headers = {"Accept": "text/event-stream"}
-    if os.environ.get("WAVECAST_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['WAVECAST_TOKEN']}"
-    request = urllib.request.Request(f"{url.rstrip('/')}/v1/jobs/{job_id}/events", headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=120)  # the daemon sends a comment every 15 s
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = e.reason
-        raise DaemonError(f"the daemon at {url} answered {e.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DaemonError(f"no daemon answers at {url} ({getattr(e, 'reason', e)}); give its address with "
-                          "--daemon URL") from None
+    # the daemon sends a comment every 15 s, so a quiet job does not time out
+    response = open_daemon(url, f"/v1/jobs/{job_id}/events", {"Accept": "text/event-stream"}, timeout=120)
     with response:
         event, data = "message", []
         for raw in response:
