@@ -530,6 +530,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_arguments(p: argparse.ArgumentParser, work: str) -> None:
+    """The options every training command shares: where it runs and where its result goes."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
+    p.add_argument("--threads", type=number(int, 1, 256), help="torch CPU threads (default 2; 1 in a daemon's job)")
+    p.add_argument("--work", type=Path, help=f"{work} (default ~/.cache/wavecast)")
+    p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
+    p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of 'wavecast train instrument' (consumed by models.train.run)."""
     p.add_argument("--instrument", choices=["violin", "cello", "trumpet", "clarinet", "flute"],
@@ -547,11 +556,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number(float, 1e-7, 1.0), default=2e-3,
                    help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for data, init and batches")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
-    p.add_argument("--threads", type=number(int, 1, 256), help="torch CPU threads (default 2; 1 in a daemon's job)")
-    p.add_argument("--work", type=Path, help="data cache and checkpoints (default ~/.cache/wavecast)")
-    p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
-    p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
+    add_run_arguments(p, "data cache and checkpoints")
 
 
 def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -572,11 +577,7 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number(float, 1e-7, 1.0), default=3e-3,
                    help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for init, batches and augmentation")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
-    p.add_argument("--threads", type=number(int, 1, 256), help="torch CPU threads (default 2; 1 in a daemon's job)")
-    p.add_argument("--work", type=Path, help="corpus cache and checkpoints (default ~/.cache/wavecast)")
-    p.add_argument("--store", type=Path, help="model store to publish to (default $XDG_DATA_HOME/wavecast/models)")
-    p.add_argument("--out", type=Path, help="write the verified model to this directory instead of publishing")
+    add_run_arguments(p, "corpus cache and checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:

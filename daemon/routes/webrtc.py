@@ -116,25 +116,20 @@ class Peer:
         message was read as JSON with a usable one, refused or not, so a client that sends many can tell which
         was refused (a rate-limited or oversized message is not read)."""
         if self.messages.take("peer"):
-            return {"type": "error", "error": {
-                "code": "rate_limited", "message": f"at most {self.messages.rate:g} messages a second (bursts of "
-                f"{self.messages.burst}) per peer; this one was dropped, send the latest state again"}}
+            return _error("rate_limited", f"at most {self.messages.rate:g} messages a second (bursts of "
+                          f"{self.messages.burst}) per peer; this one was dropped, send the latest state again")
         size = len(message.encode("utf-8", "surrogatepass")) if isinstance(message, str) else len(message)
         if size > MAX_MESSAGE_BYTES:  # counted in bytes, as it says: a character may take 4
-            return {"type": "error", "error": {"code": "message_too_large",
-                                               "message": f"messages are limited to {MAX_MESSAGE_BYTES} bytes"}}
+            return _error("message_too_large", f"messages are limited to {MAX_MESSAGE_BYTES} bytes")
         body: object = None
         try:
             body = parse_json(message, "the message")
             return {"type": "controls", **apply_patch(self.stream, check(MESSAGE, body)), **_echo(body)}
-        except Invalid as e:
-            return {"type": "error", "error": {"code": e.code, "message": e.message}, **_echo(body)}
-        except ApiError as e:
-            return {"type": "error", "error": {"code": e.code, "message": e.message}, **_echo(body)}
+        except (Invalid, ApiError) as e:
+            return _error(e.code, e.message, body)
         except Exception:
             log.exception("data-channel message failed stream=%s", self.stream.id)
-            return {"type": "error", "error": {"code": "internal", "message": "internal error; the daemon log "
-                                                                             "has the details"}, **_echo(body)}
+            return _error("internal", "internal error; the daemon log has the details", body)
 
     async def announce(self, channel, period: float = 0.02) -> None:
         """What a listener is told without asking: `now_playing` whenever a composed stream starts a note,
@@ -153,6 +148,11 @@ class Peer:
                     info = self.d.stream_info(stream)
                     channel.send(json.dumps({"type": "telemetry", **{k: info[k] for k in TELEMETRY_KEYS}}))
             await asyncio.sleep(period)
+
+
+def _error(code: str, message: str, body: object = None) -> dict:
+    """An error reply, with the message's `id` where `body` has one."""
+    return {"type": "error", "error": {"code": code, "message": message}, **_echo(body)}
 
 
 def _echo(body: object) -> dict:
