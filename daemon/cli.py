@@ -15,8 +15,12 @@ import wave
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from wavecast.streaming.events import Events
 
 log = logging.getLogger("wavecast")
 
@@ -119,7 +123,7 @@ def drop_client_errors(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
 
 
-async def serve(args: argparse.Namespace, token: str | None) -> None:
+async def serve(args: argparse.Namespace, token: str | None, events: Events) -> None:
     from aiohttp import web
 
     from wavecast.daemon.api import Guard
@@ -136,7 +140,7 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
     guard = Guard(bound=args.host.strip("[]").lower(), hosts=frozenset(h.lower() for h in args.allow_host),
                   origins=frozenset(o.rstrip("/") for o in args.allow_origin), token=token)
     daemon = Daemon(ModelStore(args.store), limits=limits, guard=guard, buffer_frames=args.buffer_frames,
-                    budget=args.tick_budget, encode_budget=args.encode_budget)
+                    budget=args.tick_budget, encode_budget=args.encode_budget, events=events)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
     runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=1.0)
@@ -172,9 +176,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "--token-file FILE; clients then send 'Authorization: Bearer TOKEN'", file=sys.stderr)
         return 2
     from wavecast.daemon.api import ApiError
+    from wavecast.streaming.events import EventError, load_events
 
     try:
-        uvloop.run(serve(args, token))
+        events = load_events(args.events)
+    except EventError as e:
+        print(f"error: --events {e}", file=sys.stderr)
+        return 2
+    try:
+        uvloop.run(serve(args, token, events))
     except ApiError as e:  # the start-up model is unknown or unusable
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -604,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames (10 ms each) a stream starts generating ahead of its hungriest listener; it grows by "
                         f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns; at least 2, as a WebRTC "
                         "packet takes 20 ms at once (default: %(default)s)")
+    s.add_argument("--events", type=Path, metavar="FILE",
+                   help="a JSON file of stings and moods that adds to or replaces the shipped ones by name (format: "
+                        "docs/overlay.md, 'Stings and moods')")
     s.add_argument("--tick-budget", type=number(float, 0.05, 1.0), default=BUDGET, metavar="FRACTION",
                    help="share of each 10 ms frame the predicted tick may take before new streams are refused "
                         "(default: %(default)s)")

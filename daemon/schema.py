@@ -2,8 +2,9 @@
 by the OpenAPI document (`GET /v1/openapi.json`), so the docs and the checks cannot drift apart.
 
 The validator knows the subset of JSON Schema the API uses (type, properties, required,
-additionalProperties, enum, minimum/maximum, minLength/maxLength, pattern, min/maxProperties, anyOf) and words
-its errors for people: the field's path, what it must be and what to do, never a Python repr.
+additionalProperties, enum, minimum/maximum, minLength/maxLength, pattern, min/maxProperties, anyOf, and oneOf
+with a discriminator; a oneOf without one is documentation) and words its errors for people: the field's path,
+what it must be and what to do, never a Python repr.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def _fits_type(value: Any, kind: str) -> bool:
 def check(schema: dict, value: Any, path: str = "") -> Any:
     """`value` if it fits `schema`; else raises Invalid naming the first field that does not."""
     where = f"'{path}'" if path else "the body"
+    if "discriminator" in schema:  # oneOf, the branch picked by one field's value
+        return check(_branch(schema, value, path), value, path)
     if "anyOf" in schema:
         for option in schema["anyOf"]:
             try:
@@ -122,6 +125,22 @@ def check(schema: dict, value: Any, path: str = "") -> Any:
     if isinstance(value, dict):
         _check_object(schema, value, path)
     return value
+
+
+def _branch(schema: dict, value: Any, path: str) -> dict:
+    """The `oneOf` branch whose discriminating field (`discriminator.propertyName`, an enum of one value in each
+    branch) has `value`'s value; raises Invalid naming that field when none has."""
+    tag = schema["discriminator"]["propertyName"]
+    branches = {b["properties"][tag]["enum"][0]: b for b in schema["oneOf"]}
+    where = f"'{path}.{tag}'" if path else f"'{tag}'"
+    choices = ", ".join(json.dumps(k) for k in branches)
+    if not isinstance(value, dict):
+        raise Invalid(f"{repr_key(path) if path else 'the body'} must be an object with a '{tag}' field")
+    if tag not in value:
+        raise Invalid(f"missing field {where}: one of {choices}")
+    if not isinstance(value[tag], str) or value[tag] not in branches:
+        raise Invalid(f"{where} must be one of {choices}")
+    return branches[value[tag]]
 
 
 def _check_number(schema: dict, value: float, where: str) -> None:
@@ -168,6 +187,8 @@ def describe(schema: dict) -> str:
         return schema["description"]
     if "anyOf" in schema:
         return " or ".join(describe(s) for s in schema["anyOf"])
+    if "discriminator" in schema:
+        return f"an object with a '{schema['discriminator']['propertyName']}' field"
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     kinds = schema.get("type", [])

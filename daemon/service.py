@@ -21,6 +21,7 @@ from wavecast.daemon.swap import Follower
 from wavecast.models.store import ModelStore, UnknownVersion, default_work
 from wavecast.streaming.composer import ComposerGroup, ComposerModel
 from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Group, Stream
+from wavecast.streaming.events import Events, load_events
 from wavecast.streaming.model import FrameModel, ModelError
 
 if TYPE_CHECKING:
@@ -32,8 +33,10 @@ DRAIN_SECONDS = 4.0  # SIGTERM: the most that closing peers and devices may take
 
 class Daemon:
     def __init__(self, store: ModelStore, *, limits: Limits | None = None, guard: Guard | None = None,
-                 buffer_frames: int = BUFFER_FRAMES, budget: float = BUDGET, encode_budget: float = BUDGET) -> None:
+                 buffer_frames: int = BUFFER_FRAMES, budget: float = BUDGET, encode_budget: float = BUDGET,
+                 events: Events | None = None) -> None:
         self.store = store
+        self.events = events or load_events()  # the stings and moods streams can be sent
         self.limits = limits = limits or Limits()
         self.guard = guard or Guard()
         self.engine = Engine(buffer_frames=buffer_frames, max_streams=limits.max_streams, budget=budget)
@@ -104,6 +107,10 @@ class Daemon:
         if stream is None:
             raise ApiError(404, "unknown_stream", "no stream has that id; GET /v1/streams lists them")
         return stream
+
+    def named(self, name: str) -> Stream | None:
+        """The stream called `name`, if any."""
+        return next((s for s in list(self.engine.streams.values()) if s.name == name), None)
 
     def stream_info(self, stream: Stream) -> dict:
         info = stream.info()

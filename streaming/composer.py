@@ -276,6 +276,12 @@ class Voice:
             return self.count, self.notes[max(0, since - first) :]
 
     # -- inference thread ----------------------------------------------------------------------------
+    def use(self, group: ComposerGroup, slot: int) -> None:
+        """Compose with `group` (state slot `slot`, reset) from the next note on: its melody starts afresh,
+        while the key, metre and bar position carry on."""
+        self.group, self.slot = group, slot
+        self.previous = np.array([START, START], np.int64)
+
     def begin_frame(self, frame: int) -> bool:
         """Apply queued actions; True when the next note is to be composed at this frame."""
         with self._lock:

@@ -38,10 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from wavecast.streaming.composer import ComposerGroup, ComposerModel, Note, Voice
+from wavecast.streaming.composer import FLOOR_DB, ComposerGroup, ComposerModel, Note, Voice
 from wavecast.streaming.controls import Controls
+from wavecast.streaming.events import Duck, Sting, midi_of, nearest_scale, register_midi, sting_key
 from wavecast.streaming.model import FrameModel, Manifest, PoolFull, StatePool
 from wavecast.streaming.noise import shared_table, stream_key
+from wavecast.streaming.notes import Scale
 from wavecast.streaming.ring import Reader, Rings
 
 log = logging.getLogger("wavecast.engine")
@@ -53,9 +55,11 @@ BUDGET = 0.7  # share of a frame the predicted tick may take before new streams 
 RETRY_AFTER_SECONDS = 10
 LOG_EVERY_SECONDS = 10.0
 NO_ROWS = np.zeros(0, np.intp)
+STING_TEMPO = 100.0  # quarter notes a minute of a sting on a stream that has no composer (no tempo)
 CROSSFADE_SECONDS = 0.03  # equal-power crossfade of a stream moving to a new version (>= 20 ms)
 WARM_FRAMES = 20  # frames a new version runs on a moving stream's controls before it is heard
 SHARED_STATES = ("phase",)  # states carried from the old slot to the new: the oscillator's running phase
+MAX_STINGS = 2  # stings one stream may play at once
 BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # batch sizes a CUDA group pads to: few shapes to plan for
 
 
@@ -65,6 +69,10 @@ class EngineSaturated(Exception):
     def __init__(self, message: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooManyStings(Exception):
+    """The stream already plays MAX_STINGS stings."""
 
 
 class ModelFailed(Exception):
@@ -129,6 +137,10 @@ class Group:
         self.call_seconds = 0.0  # the last model call alone: the rest of a tick is the engine's own work
         self.guarded_frames = 0  # frames whose samples the guard had to clip or silence
         self.fades: dict[int, Fade] = {}  # slots of streams moving in, by slot (inference thread only)
+        self.duck = Duck(capacity, m.hop, m.frame_seconds)
+        self.layers: list[Layer] = []  # stings playing on top of streams (inference thread only)
+        names = [c.name for c in m.controls]
+        self.played = [names.index("f0"), names.index("loudness")] if {"f0", "loudness"} <= set(names) else []
         self.removed = False  # unloaded by `Engine.remove_model`; a new stream puts it back
 
     def predicted_seconds(self, streams: int) -> float:
@@ -160,9 +172,31 @@ class Group:
         audio = self.audio[:n]
         if self.fades:
             self.crossfade(slots, audio)
+        if self.layers:
+            self.mix(slots, audio)
+        self.duck.apply(slots, self.rings.written, audio)
         bad = self.guard(audio)
         self.rings.write(slots, audio)
         return bad
+
+    def add_layers(self, slots: np.ndarray) -> np.ndarray:
+        """`slots` and the slots of the stings playing on the streams among them (sorted), each sting set to
+        its next frame's pitch and loudness."""
+        due = []
+        for layer in self.layers:
+            row = int(np.searchsorted(slots, layer.parent))
+            layer.due = row < len(slots) and slots[row] == layer.parent
+            if layer.due:
+                self.controls.jump(layer.slot, self.played, layer.curve[layer.done])
+                due.append(layer.slot)
+        return np.union1d(slots, np.array(due, np.intp)) if due else slots
+
+    def mix(self, slots: np.ndarray, audio: np.ndarray) -> None:
+        """Add each sting's frame to its stream's row (before the duck and the guard: both apply to the sum)."""
+        for layer in self.layers:
+            if layer.due:
+                audio[np.searchsorted(slots, layer.parent)] += audio[np.searchsorted(slots, layer.slot)]
+                layer.done += 1
 
     def crossfade(self, slots: np.ndarray, audio: np.ndarray) -> None:
         """Mix the old version's frame into the rows of streams moving in (see `Fade`)."""
@@ -188,6 +222,19 @@ class Group:
         np.clip(audio, -1.0, 1.0, out=audio)
         self.guarded_frames += int(np.count_nonzero(finite & (peak > 1.0))) + len(bad)
         return bad
+
+
+@dataclass(eq=False)
+class Layer:
+    """A sting playing on top of the stream in slot `parent`, from slot `slot` of the same group."""
+
+    stream: Stream
+    sting: Sting
+    parent: int
+    slot: int
+    curve: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # f0, loudness per frame
+    done: int = 0  # frames played
+    due: bool = False  # in this tick's batch
 
 
 class Fade:
@@ -225,6 +272,7 @@ class Stream:
         self.played = [group.controls.index[n] for n in ("f0", "loudness")] if voice else []
         self.failure: str | None = None
         self.closed_underruns = 0
+        self.name: str | None = None  # a name clients find it by (an overlay and its dock), unique among streams
 
     @property
     def manifest(self) -> Manifest:
@@ -287,15 +335,19 @@ class Stream:
             v = self.voice
             composed = {"composer": v.group.manifest.name, "composer_version": v.group.manifest.version,
                         "now_playing": v.now_playing()}
+        group, slot = self.group, self.slot
+        events = {"stings": [x.sting.name for x in list(group.layers) if x.stream is self],
+                  "duck_db": round(float(group.duck.gain[slot]), 1)}
         return {
-            "id": self.id, "model": m.name, "version": m.version, "follows": self.follows, "seed": self.seed,
+            "id": self.id, "name": self.name, "model": m.name, "version": m.version, "follows": self.follows,
+            "seed": self.seed,
             **composed,
             "controls": self.voice.settings if self.voice else self.controls(),
             "state": self.state, **({"failure": self.failure} if self.failure else {}),
             "underruns": self.underruns, "listeners": len(self.readers), "frames": self.frames,
             "seconds": round(self.frames * m.frame_seconds, 3),
             "buffered_ms": None if buffered is None else round(1000 * buffered / m.sample_rate, 1),
-            "latency_ms": self.latency(),
+            "latency_ms": self.latency(), "events": events,
         }
 
 
@@ -315,6 +367,8 @@ class Stats:
     composer_steps: int = 0  # batched composer calls
     notes: int = 0  # notes (and rests) composed
     refused: int = 0  # streams refused by admission control
+    stings: int = 0  # stings started
+    ducks: int = 0  # ducks asked for
     stream_failures: int = 0  # streams failed by a fault of their model or their own output
     nonfinite_frames: int = 0  # stream-frames silenced by the output guard
     failures: list[dict] = field(default_factory=list)  # quarantined models and composers, with reasons
@@ -417,6 +471,7 @@ class Engine:
                 self.composers.setdefault((composer.manifest.name, composer.manifest.version), composer)
             controls = {}
         group.rings.reset(slot)
+        group.duck.reset(slot)
         group.controls.reset(slot, controls)
         group.composed[slot] = voice is not None
         group.keys[slot] = stream_key(seed)
@@ -451,6 +506,7 @@ class Engine:
                     stream.voice.slot = None
                 if stream.fade is not None:
                     self._end_fade(stream.fade)
+                self._end_stings(group, [x for x in group.layers if x.parent == slot])
 
             self._pending.append((stream, release))
             self.notify()
@@ -520,7 +576,12 @@ class Engine:
         group.keys[slot], group.composed[slot] = old.keys[old_slot], old.composed[old_slot]
         group.controls.targets[slot] = old.controls.targets[old_slot]
         group.controls.current[slot] = old.controls.current[old_slot]
+        old.duck.move(old_slot, group.duck, slot)
+        self._end_stings(old, [x for x in old.layers if x.parent == old_slot])  # a sting is cut
         group.streams[slot] = stream
+        if stream.voice is not None:  # the composer writes for the new instrument's range from its next note
+            f0 = group.manifest.control("f0")
+            stream.voice.f0_range = (f0.min, f0.max)
         old.rings.move(old_slot, group.rings, slot)
         stream.group, stream.slot = group, slot
         old.composed[old_slot] = False
@@ -528,8 +589,106 @@ class Engine:
         stream.fade = group.fades[slot] = Fade(stream, old, old_slot)
         self._fades.append(stream.fade)
         self.stats.swaps += 1
-        log.info("stream moving id=%s model=%s from v%d to v%d", stream.id, group.manifest.name,
-                 old.manifest.version, group.manifest.version)
+        log.info("stream moving id=%s from %s v%d to %s v%d", stream.id, old.manifest.name, old.manifest.version,
+                 group.manifest.name, group.manifest.version)
+
+    def recompose(self, stream: Stream, composer: ComposerGroup) -> None:
+        """Let `composer` write `stream`'s notes from its next note on (a fresh melody in the same key, metre
+        and bar). Raises EngineSaturated when the composer has no free slot."""
+        voice = stream.voice
+        try:
+            slot = composer.pool.allocate()
+        except PoolFull:
+            raise EngineSaturated("the composer has all its slots in use; retry later") from None
+        with self._admit:  # put back if `remove_model` took it meanwhile
+            self.composers.setdefault((composer.manifest.name, composer.manifest.version), composer)
+
+        def switch() -> None:  # on the inference thread, between notes
+            old, old_slot = voice.group, voice.slot
+            if stream.id not in self.streams or old_slot is None:
+                composer.pool.release(slot)
+                return
+            composer.pool.reset(slot)
+            voice.use(composer, slot)
+            old.pool.release(old_slot)
+
+        self._pending.append((stream, switch))
+        self.notify()
+
+    def sting(self, stream: Stream, sting: Sting) -> float:
+        """Play `sting` on top of `stream` (in its key, register, tempo and level), from a slot of its own in
+        the stream's group; returns how long the phrase lasts. Raises ValueError when the stream's model has no
+        f0 and loudness to play it with, TooManyStings when it already plays MAX_STINGS, EngineSaturated when no
+        slot is free."""
+        with stream.lock:
+            group, parent = stream.group, stream.slot
+        if not group.played:
+            raise ValueError(f"model '{group.manifest.name}' has no 'f0' and 'loudness' controls to play a sting "
+                             "with; use an instrument that has them")
+        if sum(layer.stream is stream for layer in list(group.layers)) >= MAX_STINGS:
+            raise TooManyStings(f"this stream already plays {MAX_STINGS} stings; send the next one when one ends")
+        with self._admit:
+            group = self._keep(group)
+            try:
+                slot = group.pool.allocate()
+            except PoolFull:
+                raise EngineSaturated(f"model '{group.manifest.name}' has no free slot for a sting") from None
+            group.admitted += 1
+        layer = Layer(stream, sting, parent, slot)
+
+        def start() -> None:  # on the inference thread
+            with stream.lock:
+                if stream.group is not group or stream.slot != parent or stream.id not in self.streams:
+                    self._drop(group, slot)  # it moved or ended meanwhile
+                    return
+                layer.curve = self._sting_curve(stream, sting)
+                group.rings.reset(slot)
+                group.pool.reset(slot)
+                group.controls.targets[slot] = group.controls.targets[parent]
+                group.controls.current[slot] = group.controls.current[parent]
+                group.keys[slot] = stream_key(sting_key(stream.seed, self.stats.stings))
+                group.active[slot] = True  # its state lives; with no listener of its own it is never `needy`
+                group.layers.append(layer)
+                self.stats.stings += 1
+
+        self._pending.append((stream, start))
+        self.notify()
+        voice = stream.voice
+        tempo = voice.settings["tempo"] if voice is not None else STING_TEMPO
+        return sting.quarters * 60.0 / sting.tempo_for(tempo)
+
+    def _sting_curve(self, stream: Stream, sting: Sting) -> np.ndarray:
+        """A sting's frames for `stream` as it plays now (inference thread): a composed stream's key, register,
+        tempo and volume, starting on its next eighth note; a plain stream's pitch (as the tonic of a major
+        scale) and loudness, at once."""
+        group, slot, voice = stream.group, stream.slot, stream.voice
+        f0 = group.manifest.control("f0")
+        fs = group.manifest.frame_seconds
+        if voice is None:
+            hz, level = (float(v) for v in group.controls.current[slot, group.played])
+            level = level if level > FLOOR_DB + 20 else -20.0
+            return sting.curve(nearest_scale(hz), midi_of(hz) + 12, STING_TEMPO, level, (f0.min, f0.max), fs)
+        s, delay = voice.settings, 0.0
+        note = voice.note
+        if note is not None and not voice.paused and voice.next_time is not None:
+            beat = 60.0 / note.tempo  # the grid the current note was placed on
+            now = stream.frames * fs
+            quarter = voice.position - (voice.next_time - now) / beat
+            delay = max(0.0, (math.ceil(quarter * 2 - 1e-6) / 2 - quarter) * beat)
+        return sting.curve(Scale.parse(s["scale"]), register_midi(s["register"]) + 12, s["tempo"], s["volume"],
+                           voice.f0_range, fs, delay)
+
+    def _end_stings(self, group: Group, layers: list[Layer]) -> None:
+        """Stop `layers` (stings of `group`) and release their slots (inference thread)."""
+        for layer in layers:
+            group.layers.remove(layer)
+            self._drop(group, layer.slot)
+
+    def duck(self, stream: Stream, db: float, seconds: float) -> None:
+        """Lower `stream` by `db` for `seconds` with smooth ramps, then restore it (see streaming/events.py)."""
+        with stream.lock:
+            stream.group.duck.start(stream.slot, stream.frames, db, seconds)
+        self.stats.ducks += 1
 
     def remove_model(self, group: Group | ComposerGroup) -> None:
         """Unload `group` at the next tick boundary if no stream uses it then (a new stream puts it back)."""
@@ -618,6 +777,7 @@ class Engine:
             return 0
         started = time.perf_counter()
         self._compose(work)
+        work = [(g, g.add_layers(slots) if g.layers else slots) for g, slots in work]
         if self._fades:
             self._fade_sources(work)
         predicted, made, model_seconds = 0.0, 0, 0.0
@@ -632,6 +792,8 @@ class Engine:
             for row in bad:
                 self._fail(group.streams[slots[row]], "the model produced non-finite audio (NaN or infinity); "
                                                       "the stream was stopped, create a new one")
+            if group.layers:
+                self._end_stings(group, [x for x in group.layers if x.done >= len(x.curve)])
             predicted += group.predicted_seconds(len(slots))
             model_seconds += group.call_seconds
             made += len(slots)

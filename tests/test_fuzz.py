@@ -326,7 +326,7 @@ def in_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessPe
 @example(message="[" * 100_000)
 def test_every_data_channel_message_gets_one_reply(in_process: InProcessPeers, message: str | bytes) -> None:
     for peer in in_process.peers:
-        reply = peer.reply(message)
+        reply = in_process.loop.run_until_complete(peer.reply(message))
         check_reply(reply, message)
         event(f"{'composed' if peer.stream.voice else 'instrument'}: {reply.get('error', {}).get('code', 'applied')}")
         controls_in_range(peer.stream)
@@ -339,7 +339,8 @@ def test_the_fuzzed_streams_still_play(in_process: InProcessPeers) -> None:
     for audio in in_process.render(100):  # a second
         assert np.all(np.isfinite(audio)) and np.abs(audio).max() <= 1.0
     tone = in_process.peers[0]
-    assert tone.reply('{"controls": {"f0": 440, "loudness": -20}}')["type"] == "controls"
+    reply = in_process.loop.run_until_complete(tone.reply('{"controls": {"f0": 440, "loudness": -20}}'))
+    assert reply["type"] == "controls"
     audio = in_process.render(50)[0]
     assert np.sqrt(np.mean(audio[-2400:] ** 2)) > 1e-3  # audible again
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
@@ -12,7 +13,7 @@ from wavecast.daemon.api import ApiError, query_value, route
 from wavecast.daemon.service import Daemon
 from wavecast.streaming.composer import ACTIONS, validate_controls
 from wavecast.streaming.controls import ControlError, validate
-from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, Stream
+from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, Stream, describe
 
 log = logging.getLogger("wavecast.api")
 
@@ -29,6 +30,9 @@ PINNABLE = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}(@[1-9][0-9]{
                            "violin@3) pins version N, which the stream keeps"}
 
 
+NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$",
+        "description": "the stream's name, unique among the daemon's streams: lower-case letters, digits, '-' and "
+                       "'_' (an overlay and its dock find the stream by it)"}
 CONTROLS = {
     "type": "object", "maxProperties": 32,
     # each model checks its own ranges; this bound keeps numbers no float can hold from reaching those checks
@@ -45,12 +49,19 @@ CREATE = {
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1,
                  "description": "the same seed and controls give the same audio; random when omitted"},
         "controls": CONTROLS,
+        "name": NAME,
     },
 }
 PATCH = {
     "type": "object", "additionalProperties": False, "minProperties": 1,
-    "properties": {"controls": CONTROLS,
-                   "action": {"enum": list(ACTIONS), "description": "composed streams: pause, play or reset"}},
+    "properties": {
+        "controls": CONTROLS,
+        "action": {"enum": list(ACTIONS), "description": "composed streams: pause, play or reset"},
+        "model": PINNABLE | {"description": "another instrument (or version) to play the stream: it takes over "
+                                            "with a crossfade, same stream, same listeners. It must take the same "
+                                            "controls (the shipped instruments all do)"},
+        "composer": model_name("composed streams: another composer, which writes from the next note on"),
+    },
 }
 NOTE = {
     "type": "object", "required": ["frame", "frames", "midi", "note", "quarters", "bar", "beat", "key", "tempo"],
@@ -70,7 +81,8 @@ STREAM = {
     "required": ["id", "model", "version", "follows", "seed", "controls", "state", "underruns", "listeners", "frames",
                  "seconds", "buffered_ms", "latency_ms", "peers", "encoders", "device"],
     "properties": {
-        "id": {"type": "string"}, "model": {"type": "string"}, "version": {"type": "integer"},
+        "id": {"type": "string"}, "name": {"type": ["string", "null"]}, "model": {"type": "string"},
+        "version": {"type": "integer"},
         "follows": {"type": "boolean", "description": "true: it moves to each new current version of its model; "
                                                       "false: it is pinned to its version"},
         "seed": {"type": "integer"}, "controls": {"type": "object"},
@@ -81,6 +93,9 @@ STREAM = {
         "latency_ms": {"type": "object"}, "peers": {"type": "integer"}, "encoders": {"type": "integer"},
         "device": {"type": ["object", "null"]}, "composer": {"type": "string"},
         "composer_version": {"type": "integer"}, "now_playing": NOW_PLAYING,
+        "events": {"type": "object", "properties": {
+            "stings": {"type": "array", "description": "the stings playing now"},
+            "duck_db": {"type": "number", "description": "the stream's gain now: below 0 while a duck lowers it"}}},
     },
 }
 SINCE = {"type": "integer", "minimum": 0, "default": 0,
@@ -94,31 +109,70 @@ def _controls(stream_or_group: Stream | Group | None, raw: Any, composed: bool) 
         raise ApiError(422, "invalid_control", str(e)) from None
 
 
-def apply_patch(stream: Stream, body: dict) -> dict:
-    """Controls and (composed streams) an action, from PATCH or the data channel, already checked against
-    PATCH's schema; all are checked against the stream before any is applied. Returns the stream's controls
-    (and now-playing)."""
+async def apply_patch(d: Daemon, stream: Stream, body: dict) -> dict:
+    """Controls, an instrument, and (composed streams) a composer and an action, from PATCH or the data
+    channel, already checked against PATCH's schema; all are checked against the stream before any is applied.
+    Returns the stream's controls (and now-playing)."""
     voice = stream.voice
-    action = body.get("action")
+    action, model, composer_name = body.get("action"), body.get("model"), body.get("composer")
+    if voice is None and (action is not None or composer_name is not None):
+        field = "action" if action is not None else "composer"
+        raise ApiError(422, f"invalid_{field}", f"'{field}' applies to composed streams only; this one plays "
+                                                "controls (create a stream with a 'composer' for notes)")
+    controls = _controls(stream, body.get("controls", {}), composed=voice is not None)
+    composer = await d.composer(composer_name) if composer_name is not None else None
+    if model is not None:
+        await _switch_model(d, stream, model)
+    if composer is not None and composer is not voice.group:
+        try:
+            d.engine.recompose(stream, composer)
+        except EngineSaturated as e:
+            raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
     if voice is None:
-        if action is not None:
-            raise ApiError(422, "invalid_action", "'action' applies to composed streams only; this one plays "
-                                                  "controls (send only 'controls')")
-        stream.set_controls(_controls(stream, body.get("controls", {}), composed=False))
+        stream.set_controls(controls)
         return {"controls": stream.controls()}
-    voice.set(_controls(stream, body.get("controls", {}), composed=True))
+    voice.set(controls)
     if action is not None:
         voice.act(action)
     return {"controls": voice.settings, "now_playing": voice.now_playing()}
 
 
+async def _switch_model(d: Daemon, stream: Stream, name: str) -> None:
+    """Move `stream` to instrument `name` (or 'name@N') with a crossfade, as a publish would (daemon/swap.py)."""
+    group = await d.group(name)
+    if stream.moving is not None:
+        raise ApiError(409, "stream_moving", "the stream is moving to another instrument or version already; "
+                                             "send this again in a moment")
+    old = stream.manifest
+    if [c.name for c in old.controls] != [c.name for c in group.manifest.controls]:
+        raise ApiError(422, "incompatible_model", f"'{group.manifest.name}' takes other controls than "
+                       f"'{old.name}' ({', '.join(c.name for c in group.manifest.controls)}); create a new stream "
+                       "to play it")
+    if group is not stream.group:
+        states = await asyncio.get_running_loop().run_in_executor(None, d.engine.warm, stream, group)
+        try:
+            d.engine.swap(stream, group, states)
+        except EngineSaturated as e:
+            raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
+        except ValueError as e:  # it began moving while it warmed
+            raise ApiError(409, "stream_moving", f"{describe(e)}; send this again in a moment") from None
+        for _ in range(100):  # the move happens at the next tick boundary: answer with the stream as it plays then
+            if stream.group is group:
+                break
+            await asyncio.sleep(0.01)
+    stream.follows = "@" not in name
+
+
 @route("POST", "/v1/streams", "Start a stream", body=CREATE, returns=STREAM, status=201, errors={
-    404: "unknown model or composer", 422: "a control out of range, or a model of the wrong kind",
+    404: "unknown model or composer", 409: "another stream has that name",
+    422: "a control out of range, or a model of the wrong kind",
     429: "too many streams, or stream creations too fast (Retry-After)",
     503: "the engine or the model cannot take another stream now (Retry-After)"})
 async def create_stream(request: web.Request, body: dict) -> web.Response:
     d: Daemon = request.app["daemon"]
     d.stream_rate.check(request.remote or "", "streams created")
+    if "name" in body:
+        _name_free(d, body["name"])
     if len(d.engine.streams) >= d.limits.max_streams:
         raise ApiError(429, "too_many_streams", f"this daemon runs at most {d.limits.max_streams} streams "
                        "(--max-streams); delete one first")
@@ -130,6 +184,8 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
     composer = await d.composer(composer_name) if composer_name is not None else None
     if composer is None:
         controls = _controls(group, body.get("controls", {}), composed=False)
+    if "name" in body:
+        _name_free(d, body["name"])  # again: another request may have taken it while the models loaded
     try:
         stream = d.engine.create_stream(group, seed, controls, composer, follows="@" not in name)
     except EngineSaturated as e:
@@ -137,16 +193,27 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
     except ModelFailed as e:
         raise ApiError(503, "model_failed", f"{e}; see GET /v1/health (a new version of the model or a daemon "
                                             "restart brings it back)") from None
+    stream.name = body.get("name")
     log.info("stream created id=%s model=%s composer=%s seed=%s", stream.id, name, composer_name, seed)
     return web.json_response(d.stream_info(stream), status=201)
 
 
-@route("GET", "/v1/streams", "List the streams",
+def _name_free(d: Daemon, name: str) -> None:
+    taken = d.named(name)
+    if taken is not None:
+        raise ApiError(409, "name_taken", f"stream {taken.id} is already called '{name}'; use it (GET "
+                                          f"/v1/streams?name={name}), delete it, or choose another name")
+
+
+@route("GET", "/v1/streams", "List the streams (or the one of a name)", query={"name": NAME},
+       errors={422: "a 'name' that no stream could have"},
        returns={"type": "object", "required": ["streams"], "properties": {"streams": {"type": "array",
                                                                                       "items": STREAM}}})
 async def list_streams(request: web.Request) -> web.Response:
     d: Daemon = request.app["daemon"]
-    return web.json_response({"streams": [d.stream_info(s) for s in list(d.engine.streams.values())]})
+    name = query_value(request, "name", NAME)
+    streams = list(d.engine.streams.values()) if name is None else [s for s in [d.named(name)] if s is not None]
+    return web.json_response({"streams": [d.stream_info(s) for s in streams]})
 
 
 @route("GET", "/v1/streams/{id}", "A stream: model, controls, state, latency, listeners", returns=STREAM,
@@ -156,12 +223,15 @@ async def get_stream(request: web.Request) -> web.Response:
     return web.json_response(d.stream_info(d.stream(request)))
 
 
-@route("PATCH", "/v1/streams/{id}", "Steer a stream: new controls (smoothed), or an action", body=PATCH,
-       returns=STREAM, errors={404: "no stream has that id", 422: "a control out of range, or an unknown one"})
+@route("PATCH", "/v1/streams/{id}", "Steer a stream: new controls (smoothed), an action, another instrument or "
+       "composer", body=PATCH, returns=STREAM, errors={
+           404: "no stream has that id, or no such model", 409: "the stream is moving to another instrument already",
+           422: "a control out of range, or an unknown one; an instrument that takes other controls",
+           503: "no slot for the new instrument or composer now (Retry-After)"})
 async def patch_stream(request: web.Request, body: dict) -> web.Response:
     d: Daemon = request.app["daemon"]
     stream = d.stream(request)
-    apply_patch(stream, body)
+    await apply_patch(d, stream, body)
     return web.json_response(d.stream_info(stream))
 
 

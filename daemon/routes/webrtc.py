@@ -108,10 +108,20 @@ class Peer:
         if channel.label != "controls":
             return
         self.channels.append(channel)
+        inbox: asyncio.Queue = asyncio.Queue()
         self.tasks.add(asyncio.ensure_future(self.announce(channel)))
-        channel.on("message", lambda message: channel.send(json.dumps(self.reply(message))))
+        self.tasks.add(asyncio.ensure_future(self.answer_all(channel, inbox)))
+        channel.on("message", inbox.put_nowait)
 
-    def reply(self, message: str | bytes) -> dict:
+    async def answer_all(self, channel, inbox: asyncio.Queue) -> None:
+        """Answer the channel's messages one at a time, in order (switching an instrument takes a moment)."""
+        while True:
+            message = await inbox.get()
+            reply = await self.reply(message)
+            if channel.readyState == "open":
+                channel.send(json.dumps(reply))
+
+    async def reply(self, message: str | bytes) -> dict:
         """The answer to one data-channel message; never raises. It carries the message's `id` back wherever the
         message was read as JSON with a usable one, refused or not, so a client that sends many can tell which
         was refused (a rate-limited or oversized message is not read)."""
@@ -124,7 +134,7 @@ class Peer:
         body: object = None
         try:
             body = parse_json(message, "the message")
-            return {"type": "controls", **apply_patch(self.stream, check(MESSAGE, body)), **_echo(body)}
+            return {"type": "controls", **await apply_patch(self.d, self.stream, check(MESSAGE, body)), **_echo(body)}
         except (Invalid, ApiError) as e:
             return _error(e.code, e.message, body)
         except Exception:
