@@ -8,7 +8,11 @@ the ring never sees a torn frame, and one that falls further behind skips ahead 
 
 Each slot has a target fill (`ahead`, in frames): the engine generates for a slot while its hungriest
 reader has less than that buffered. It starts small for low latency and grows by a frame each time a
-listener that already had audio underruns, up to `max_ahead`.
+listener that already had audio underruns, up to `max_ahead`. A fill grown by a passing hiccup (a browser's
+first seconds, a busy moment) would add its latency to every control change for the life of the stream, so
+after RELAX_FRAMES without an underrun it steps back down a frame; an underrun soon after such a step marks
+the fill the listener really needs (`floor`), and the fill never relaxes below it again, so a listener pays
+at most one extra underrun per level, not one every RELAX_FRAMES.
 
 A reader whose slot was released and reused (its stream deleted) reads silence: every slot carries a
 generation that `reset` bumps.
@@ -22,6 +26,8 @@ so a reader goes on from the same sample: nothing skipped, nothing repeated, no 
 from __future__ import annotations
 
 import numpy as np
+
+RELAX_FRAMES = 500  # frames without an underrun before a grown fill steps down one (5 s of 10 ms frames)
 
 
 class Rings:
@@ -37,6 +43,9 @@ class Rings:
         self.listeners = np.zeros(slots, np.int32)
         self.generation = np.zeros(slots, np.int64)
         self.ahead = np.full(slots, ahead, np.int64)  # target fill, frames
+        self.floor = np.full(slots, ahead, np.int64)  # the fill `ahead` may relax to
+        self.calm_since = np.zeros(slots, np.int64)  # frames written when `ahead` last changed
+        self.relaxed = np.zeros(slots, bool)  # its last change was a step down
         self.readers: list[list[Reader]] = [[] for _ in range(slots)]
 
     def reset(self, slot: int) -> None:
@@ -46,13 +55,15 @@ class Rings:
         self.listeners[slot] = 0
         self.written[slot] = 0
         self.front[slot] = 0
-        self.ahead[slot] = self.initial_ahead
+        self.ahead[slot] = self.floor[slot] = self.initial_ahead
+        self.calm_since[slot] = 0
+        self.relaxed[slot] = False
 
     def move(self, slot: int, to: Rings, to_slot: int) -> None:
         """Hand the stream in `slot`, its samples, fill and readers, to `to_slot` of `to` (inference thread,
         between ticks; the caller holds the stream's lock so no reader joins or leaves meanwhile)."""
         to.data[to_slot] = self.data[slot]
-        for counter in ("written", "front", "ahead"):
+        for counter in ("written", "front", "ahead", "floor", "calm_since", "relaxed"):
             getattr(to, counter)[to_slot] = getattr(self, counter)[slot]
         readers, generation = self.readers[slot], int(to.generation[to_slot])
         for r in readers:
@@ -85,6 +96,21 @@ class Rings:
             self.readers[slot] = [r for r in self.readers[slot] if r is not reader]
             self._update(slot)
         reader.at = (rings, slot, -1)
+
+    def grow(self, slot: int) -> None:
+        """A listener underran: one frame more ahead (and, right after a step down, never below that again)."""
+        if self.relaxed[slot]:
+            self.floor[slot] = min(self.ahead[slot] + 1, self.max_ahead)
+            self.relaxed[slot] = False
+        if self.ahead[slot] < self.max_ahead:
+            self.ahead[slot] += 1
+        self.calm_since[slot] = self.written[slot]
+
+    def relax(self, slot: int) -> None:
+        """RELAX_FRAMES without an underrun: one frame less ahead."""
+        self.ahead[slot] -= 1
+        self.relaxed[slot] = True
+        self.calm_since[slot] = self.written[slot]
 
     def _update(self, slot: int) -> None:
         readers = self.readers[slot]
@@ -139,8 +165,10 @@ class Reader:
         if n < len(out):
             out[n:] = 0.0
             self.underruns += 1
-            if self.heard and rings.ahead[slot] < rings.max_ahead:
-                rings.ahead[slot] += 1
+            if self.heard:
+                rings.grow(slot)
+        elif rings.ahead[slot] > rings.floor[slot] and rings.written[slot] - rings.calm_since[slot] >= RELAX_FRAMES:
+            rings.relax(slot)
         if n:
             self.heard = True
         return n

@@ -14,7 +14,7 @@ from wavecast.streaming.controls import ControlError, Controls, validate
 from wavecast.streaming.engine import Engine, EngineSaturated, render
 from wavecast.streaming.model import FrameModel
 from wavecast.streaming.noise import NoiseTable, stream_key
-from wavecast.streaming.ring import Rings
+from wavecast.streaming.ring import RELAX_FRAMES, Rings
 
 SR = 48_000
 
@@ -204,6 +204,31 @@ def test_underrun_after_audio_grows_the_fill(default_model: FrameModel) -> None:
     for expected in (30.0, 40.0, 40.0):
         reader.read(out)  # nothing buffered: an underrun of a listener that had audio
         assert stream.latency()["buffer"] == expected
+
+
+def test_a_grown_fill_relaxes_after_a_calm_spell_down_to_what_the_listener_needs() -> None:
+    """A hiccup's extra fill goes again after RELAX_FRAMES without an underrun; an underrun right after a step
+    down marks the fill the listener needs, and it stays there."""
+    rings = Rings(slots=1, frames=32, hop=10, ahead=2, max_ahead=8)
+    reader, out, slot = rings.reader(0), np.zeros(10, np.float32), np.array([0])
+
+    def frames(n: int, starve: bool = False) -> None:
+        for _ in range(n):
+            if not starve:
+                rings.write(slot, np.ones((1, 10), np.float32))
+            reader.read(out)
+
+    frames(1)
+    frames(3, starve=True)  # a hiccup after audio: 2 -> 5
+    assert rings.ahead[0] == 5 and reader.underruns == 3
+    frames(RELAX_FRAMES - 1)
+    assert rings.ahead[0] == 5
+    frames(3 * RELAX_FRAMES + 1)
+    assert rings.ahead[0] == 2  # back where it started, one frame per calm spell
+    frames(1, starve=True)  # the listener underruns right after a step down: 3 is what it needs
+    assert rings.ahead[0] == 3 and rings.floor[0] == 3
+    frames(5 * RELAX_FRAMES)
+    assert rings.ahead[0] == 3 and reader.underruns == 4
 
 
 def test_batched_tick_equals_a_plain_per_stream_loop(default_model: FrameModel) -> None:
