@@ -112,6 +112,9 @@ def test_wheel_holds_one_wavecast_namespace_with_the_shipped_models(tmp_path: Pa
     assert len(shipped) >= 10 and all(
         sizes.get(f"wavecast/models/shipped/{f.parent.name}/{f.name}") == f.stat().st_size for f in shipped)
     assert re.search(r"^wavecast = wavecast\.daemon\.cli:main$", entry_points, re.M)
+    data = {"streaming/events.json": ROOT / "streaming" / "events.json"} | {  # the stings and moods, the pages
+        f"daemon/static/{f.name}": f for f in (ROOT / "daemon" / "static").iterdir()}
+    assert len(data) >= 4 and all(sizes.get(f"wavecast/{name}") == f.stat().st_size for name, f in data.items())
 
     # Installed (not editable), it runs from where it was installed and finds its models there.
     installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
