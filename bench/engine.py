@@ -73,10 +73,11 @@ def controls_for(i: int) -> dict[str, float]:
     return {"f0": 110.0 * 2 ** ((i % 36) / 12), "loudness": -20.0}  # three octaves of semitones
 
 
-def make_streams(model: FrameModel, n: int) -> tuple[Engine, list[Stream], list[Reader]]:
+def make_streams(model: FrameModel, n: int, loudness: float = -20.0) -> tuple[Engine, list[Stream], list[Reader]]:
     engine = Engine(buffer_frames=1, max_streams=n, budget=None)
     group = engine.add_model(model)
-    streams = [engine.create_stream(group, seed=i, controls=controls_for(i)) for i in range(n)]
+    streams = [engine.create_stream(group, seed=i, controls=controls_for(i) | {"loudness": loudness})
+               for i in range(n)]
     return engine, streams, [s.listen() for s in streams]
 
 
@@ -120,6 +121,22 @@ def bench_ticks(model: FrameModel, counts: list[int], seconds: float, max_ticks:
                      "engine_overhead_pct": 100 * share,
                      "vs_bare_call_pct": 100 * (1 - median_us(t["ort"]) / tick_us)})
     return rows
+
+
+def bench_limiter(model: FrameModel, n: int, seconds: float, max_ticks: int) -> dict:
+    """Ticks of n streams at -20 dB (the limiter's fast path: nothing near its ceiling) and of n streams at the
+    loudness control's top (every stream limited), alternating in one loop: what the limiter costs when it works."""
+    log(f"limiter: {n} streams at -20 dB vs at the loudness control's top")
+    top = model.manifest.control("loudness").max
+    quiet, _, quiet_readers = make_streams(model, n)
+    loud, _, loud_readers = make_streams(model, n, loudness=top)
+    hop = model.manifest.hop
+    t = timed({"quiet": ticker(quiet, quiet_readers, n, hop), "loud": ticker(loud, loud_readers, n, hop)},
+              seconds, max_ticks)
+    q, lo = median_us(t["quiet"]), median_us(t["loud"])
+    return {"streams": n, "loudness_db": top, "quiet_tick_us": q, "loud_tick_us": lo,
+            "limited_share": loud.stats.limited_frames / max(1, loud.stats.frames),
+            "limiter_us_per_stream_frame": (lo - q) / n, "limiter_pct_of_tick": 100 * (lo - q) / lo}
 
 
 def per_stream_loop(model: FrameModel, n: int) -> Callable[[], None]:
@@ -470,6 +487,12 @@ def report(r: dict) -> str:
         ("MACs/frame", "macs_per_frame"), ("sin+cos/frame", "sin_cos_per_frame"), ("peak GFLOP/s", "peak_gflops"),
         ("at streams", "streams"), ("engine GFLOP/s", "engine_gflops"), ("% of peak", "percent")],
         f"{roof.get('method', '')}; peak = numpy float32 1024x1024 matmul"))
+    out.append(table("Limiter: ticks with every stream limited vs none (alternating)", [r["limiter"]], [
+        ("streams", "streams"), ("loudness dB", "loudness_db", ".0f"), ("quiet tick us", "quiet_tick_us"),
+        ("loud tick us", "loud_tick_us"), ("frames limited", "limited_share", ".2f"),
+        ("limiter us/stream-frame", "limiter_us_per_stream_frame", ".2f"), ("% of tick", "limiter_pct_of_tick")],
+        "quiet: -20 dB, below the -1 dBFS ceiling (the limiter's fast path); loud: the loudness control's top, "
+        "every frame of every stream limited"))
     lat = r["control_latency"]
     out.append(table("Control change -> first changed sample sent (paced 20 ms sender, live engine thread)", lat, [
         ("reps", "reps"), ("load streams", "load_streams"), ("fill frames", "buffer_frames"), ("p50 ms", "p50_ms"),
@@ -572,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     r["ticks"] = bench_ticks(model, ints(a.streams), a.seconds, a.ticks)
     r["batching"] = bench_batching(model, ints(a.compare), a.seconds, a.ticks)
+    r["limiter"] = bench_limiter(model, max(ints(a.streams)), a.seconds, a.ticks)
     r["ort_vs_torch"] = bench_torch(model, ints(a.torch_batches), a.seconds, a.ticks)
     r["memory"] = bench_memory(model)
     r["pitch"] = bench_pitch(model, [55.0, 110.0, 220.0, 440.0, 880.0, 1760.0])

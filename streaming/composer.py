@@ -224,11 +224,12 @@ class Voice:
     else runs on the inference thread."""
 
     def __init__(self, group: ComposerGroup, seed: int, controls: Mapping[str, Any], f0_range: tuple[float, float],
-                 frame_seconds: float, keep_notes: int | None = 2000) -> None:
+                 frame_seconds: float, keep_notes: int | None = 2000, loudness_max: float = 0.0) -> None:
         self.group = group
         self.seed = seed
         self.settings = {**control_defaults(), **controls}
         self.f0_range = f0_range
+        self.loudness_max = loudness_max  # the instrument's top: an accent never asks for more
         self.frame_seconds = frame_seconds
         self.slot: int | None = None
         self.notes: list[Note] = []  # the last `keep_notes` at least (all with None)
@@ -348,7 +349,7 @@ class Voice:
         self.rearticulate = slurred and previous.midi == note.midi
         self.note, self.start_frame, self.off_frame = note, self.frame, self.frame + sounding
         accent = 2.0 if note.beat == 1.0 else 0.0
-        self.level = s["volume"] + accent + self.rng.uniform(-1.5, 1.5)
+        self.level = min(s["volume"] + accent + self.rng.uniform(-1.5, 1.5), self.loudness_max)
         with self._lock:
             self.notes.append(note)
             self.count += 1

@@ -7,7 +7,8 @@ its listeners and a stream nobody listens to costs nothing.
 
 A tick is a pipeline of stages over whole batches, each owning preallocated arrays sized up front:
 controls (smoothed as arrays) and noise (one gather) -> the model call (ONNX Runtime writes into the
-group's buffers through an IOBinding) -> the output guard (non-finite or out-of-range samples never
+group's buffers through an IOBinding) -> stings mixed in and ducks -> the limiter (no sample above
+LIMIT, -1 dBFS; bit-transparent below it) -> the output guard (non-finite or out-of-range samples never
 reach a listener) -> the rings (one array write). Only composed streams do Python per stream (the
 performer). Each model group runs in its own guard: a group whose call raises is quarantined and its
 streams fail with the reason, while every other group keeps its real time.
@@ -60,6 +61,8 @@ CROSSFADE_SECONDS = 0.03  # equal-power crossfade of a stream moving to a new ve
 WARM_FRAMES = 20  # frames a new version runs on a moving stream's controls before it is heard
 SHARED_STATES = ("phase",)  # states carried from the old slot to the new: the oscillator's running phase
 MAX_STINGS = 2  # stings one stream may play at once
+LIMIT = 10 ** (-1 / 20)  # the limiter's ceiling: -1 dBFS, so no documented control value clips
+LIMIT_RELEASE_DB_PER_S = 60.0  # how fast a limited stream's gain comes back
 BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # batch sizes a CUDA group pads to: few shapes to plan for
 
 
@@ -138,6 +141,13 @@ class Group:
         self.guarded_frames = 0  # frames whose samples the guard had to clip or silence
         self.fades: dict[int, Fade] = {}  # slots of streams moving in, by slot (inference thread only)
         self.duck = Duck(capacity, m.hop, m.frame_seconds)
+        self.limit_gain = np.ones(capacity, np.float32)  # the limiter's gain at the end of each slot's last frame
+        self.limiting = False  # some slot's gain is below 1
+        # r: the release per sample; rise[n] = r^(n+1), fall[k] = r^-(k+1) (see `limit`)
+        r = 10.0 ** (LIMIT_RELEASE_DB_PER_S / 20.0 / m.sample_rate)
+        self.rise = (r ** np.arange(1, m.hop + 1, dtype=np.float64)).astype(np.float32)
+        self.fall = (r ** -np.arange(1, m.hop + 1, dtype=np.float64)).astype(np.float32)
+        self.limited = 0  # frames the limiter turned down since the engine last counted them
         self.layers: list[Layer] = []  # stings playing on top of streams (inference thread only)
         names = [c.name for c in m.controls]
         self.played = [names.index("f0"), names.index("loudness")] if {"f0", "loudness"} <= set(names) else []
@@ -175,6 +185,7 @@ class Group:
         if self.layers:
             self.mix(slots, audio)
         self.duck.apply(slots, self.rings.written, audio)
+        self.limit(slots, audio)
         bad = self.guard(audio)
         self.rings.write(slots, audio)
         return bad
@@ -208,6 +219,36 @@ class Group:
                     audio[row] += fade.fade_out[fade.done] * fade.frame
                     fade.done += 1
                 fade.ready = False
+
+    def limit(self, slots: np.ndarray, audio: np.ndarray) -> None:
+        """Keep every sample of every row within +-LIMIT, in place: a peak limiter with instant attack and a
+        LIMIT_RELEASE_DB_PER_S release, per stream. Its gain is g[n] = min(needed[n], g[n-1] * r) with needed =
+        min(1, LIMIT / |x|), r the release per sample and g[-1] the gain the slot's last frame ended at, which
+        unrolls to r^(n+1) * min(g[-1], min over k <= n of needed[k] * r^-(k+1)): one running minimum per row, no
+        loop over samples. Rows below LIMIT at full gain are untouched."""
+        if not self.limiting and audio.max() <= LIMIT and audio.min() >= -LIMIT:  # the common case (False on NaN)
+            return
+        n = len(audio)
+        peak = self._peak[:n]
+        np.max(np.abs(audio, out=self._abs[:n]), axis=1, out=peak)
+        before = self.limit_gain[slots]
+        rows = np.flatnonzero((peak > LIMIT) | (before < 1.0))
+        if not len(rows):
+            return
+        x = audio[rows]
+        needed = np.abs(x)
+        np.maximum(needed, 1e-30, out=needed)
+        np.divide(np.float32(LIMIT), needed, out=needed)
+        np.minimum(needed, 1.0, out=needed)
+        needed *= self.fall
+        gain = np.minimum.accumulate(needed, axis=1)
+        np.minimum(gain, before[rows, None], out=gain)
+        gain *= self.rise
+        gain[gain > 1.0 - 1e-6] = 1.0  # back to full gain exactly (float32 r^-k * r^k can fall a rounding short)
+        audio[rows] = x * gain
+        self.limit_gain[slots[rows]] = gain[:, -1]
+        self.limited += int(np.count_nonzero(peak[rows] > LIMIT))
+        self.limiting = bool((self.limit_gain < 1.0).any())
 
     def guard(self, audio: np.ndarray) -> np.ndarray:
         """Silence rows with NaN or inf and clip rows beyond [-1, 1], in place; returns the silenced rows."""
@@ -367,6 +408,7 @@ class Stats:
     composer_steps: int = 0  # batched composer calls
     notes: int = 0  # notes (and rests) composed
     refused: int = 0  # streams refused by admission control
+    limited_frames: int = 0  # stream-frames the limiter turned down (they would have peaked above -1 dBFS)
     stings: int = 0  # stings started
     ducks: int = 0  # ducks asked for
     stream_failures: int = 0  # streams failed by a fault of their model or their own output
@@ -459,7 +501,8 @@ class Engine:
         voice = None
         if composer is not None:
             f0 = group.manifest.control("f0")
-            voice = Voice(composer, seed, controls, (f0.min, f0.max), group.manifest.frame_seconds, keep_notes)
+            voice = Voice(composer, seed, controls, (f0.min, f0.max), group.manifest.frame_seconds, keep_notes,
+                          group.manifest.control("loudness").max)
             try:
                 voice.slot = composer.pool.allocate()
             except PoolFull:
@@ -472,6 +515,7 @@ class Engine:
             controls = {}
         group.rings.reset(slot)
         group.duck.reset(slot)
+        group.limit_gain[slot] = 1.0
         group.controls.reset(slot, controls)
         group.composed[slot] = voice is not None
         group.keys[slot] = stream_key(seed)
@@ -577,11 +621,14 @@ class Engine:
         group.controls.targets[slot] = old.controls.targets[old_slot]
         group.controls.current[slot] = old.controls.current[old_slot]
         old.duck.move(old_slot, group.duck, slot)
+        group.limit_gain[slot], old.limit_gain[old_slot] = old.limit_gain[old_slot], 1.0
+        group.limiting = group.limiting or group.limit_gain[slot] < 1.0
         self._end_stings(old, [x for x in old.layers if x.parent == old_slot])  # a sting is cut
         group.streams[slot] = stream
         if stream.voice is not None:  # the composer writes for the new instrument's range from its next note
             f0 = group.manifest.control("f0")
             stream.voice.f0_range = (f0.min, f0.max)
+            stream.voice.loudness_max = group.manifest.control("loudness").max
         old.rings.move(old_slot, group.rings, slot)
         stream.group, stream.slot = group, slot
         old.composed[old_slot] = False
@@ -644,6 +691,7 @@ class Engine:
                 layer.curve = self._sting_curve(stream, sting)
                 group.rings.reset(slot)
                 group.pool.reset(slot)
+                group.limit_gain[slot] = 1.0
                 group.controls.targets[slot] = group.controls.targets[parent]
                 group.controls.current[slot] = group.controls.current[parent]
                 group.keys[slot] = stream_key(sting_key(stream.seed, self.stats.stings))
@@ -794,6 +842,8 @@ class Engine:
                                                       "the stream was stopped, create a new one")
             if group.layers:
                 self._end_stings(group, [x for x in group.layers if x.done >= len(x.curve)])
+            self.stats.limited_frames += group.limited
+            group.limited = 0
             predicted += group.predicted_seconds(len(slots))
             model_seconds += group.call_seconds
             made += len(slots)

@@ -57,6 +57,8 @@ async def metrics(request: web.Request) -> web.Response:
         ("wavecast_composed_streams", "gauge", "streams a composer writes", sum(s.voice is not None for s in streams)),
         ("wavecast_composer_steps_total", "counter", "batched composer calls", st.composer_steps),
         ("wavecast_composer_notes_total", "counter", "notes and rests composed", st.notes),
+        ("wavecast_limited_frames_total", "counter", "stream-frames the limiter turned down (they would have peaked "
+         "above -1 dBFS)", st.limited_frames),
         ("wavecast_stings_total", "counter", "stings played on top of streams (POST /v1/streams/{id}/events)",
          st.stings),
         ("wavecast_ducks_total", "counter", "ducks asked for", st.ducks),
