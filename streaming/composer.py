@@ -185,11 +185,13 @@ class Note:
     beat: float  # quarter notes into the bar, 1-based
     scale: str
     tempo: float
+    metre: str = "4/4"
 
     def to_dict(self) -> dict:
         return {"frame": self.frame, "frames": self.frames, "midi": self.midi,
                 "note": note_name(self.midi) if self.midi else "rest", "quarters": round(self.quarters, 4),
-                "bar": self.bar, "beat": round(self.beat, 3), "key": self.scale, "tempo": self.tempo}
+                "bar": self.bar, "beat": round(self.beat, 3), "key": self.scale, "tempo": self.tempo,
+                "metre": self.metre}
 
 
 class ComposerGroup:
@@ -340,7 +342,7 @@ class Voice:
         self.next_time += quarters * 60.0 / s["tempo"]
         end = round(self.next_time / self.frame_seconds)
         note = Note(self.frame, end - self.frame, token_midi(pitch), quarters, int(self.position // bar) + 1, beat,
-                    s["scale"], s["tempo"])
+                    s["scale"], s["tempo"], s["metre"])
         self.previous = np.array([pitch, duration], np.int64)
         self.position += quarters
         sounding = max(1, round((end - self.frame) * (0.5 + 0.5 * s["legato"])))

@@ -212,3 +212,33 @@ def test_composer_api_errors(server: Server) -> None:
     folk = next(m for m in models["models"] if m["name"] == "folk")
     assert folk["kind"] == "composer" and {"tempo", "scale", "top_k"} <= {c["name"] for c in folk["controls"]}
     assert folk["verification"]["quality"]["nll"] < folk["verification"]["quality"]["bigram_nll"]
+
+
+def test_the_midi_file_is_in_the_piece_s_time_with_its_tempo_metre_and_key(violin: FrameModel, composer: ComposerModel,
+                                                                           tmp_path: Path) -> None:
+    """Read back with mido: notes at their positions in quarter notes, a tempo, time and key signature at the
+    start and at each change, and the file's length the piece's (a pause kept as time)."""
+    mido = pytest.importorskip("mido")
+    from wavecast.daemon.midi import TICKS_PER_QUARTER, write_midi
+
+    timeline = [(6.0, {"tempo": 90.0, "scale": "E dorian", "metre": "6/8"}), (9.0, {"action": "pause"}),
+                (10.0, {"action": "play"})]
+    _, notes = compose(violin, 14.0, 5, {"tempo": 120.0, "scale": "A minor", "metre": "3/4"}, timeline,
+                       composer=composer)
+    write_midi(tmp_path / "piece.mid", notes, violin.manifest.frame_seconds)
+    song = mido.MidiFile(tmp_path / "piece.mid")
+    assert song.ticks_per_beat == TICKS_PER_QUARTER
+    meta = [(m.type, m) for m in song.tracks[0] if m.is_meta]
+    assert [round(mido.tempo2bpm(m.tempo)) for t, m in meta if t == "set_tempo"] == [120, 90]
+    assert [(m.numerator, m.denominator) for t, m in meta if t == "time_signature"] == [(3, 4), (6, 8)]
+    assert [m.key for t, m in meta if t == "key_signature"] == ["Am", "D"]  # E dorian has D major's notes
+    at, starts = 0, []
+    for m in song.tracks[0]:
+        at += m.time
+        if m.type == "note_on":
+            starts.append(at)
+    before_change = [n for n in notes if n.tempo == 120.0 and n.midi is not None]
+    positions = np.cumsum([0.0] + [n.quarters for n in notes])[[i for i, n in enumerate(notes) if n.midi is not None]]
+    assert starts[: len(before_change)] == [round(p * TICKS_PER_QUARTER) for p in positions[: len(before_change)]]
+    last = notes[-1]
+    assert abs(song.length - (last.frame + last.frames) * violin.manifest.frame_seconds) < 0.1  # the pause kept

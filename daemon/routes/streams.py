@@ -69,7 +69,7 @@ NOTE = {
                    "midi": {"type": ["integer", "null"], "description": "null for a rest"},
                    "note": {"type": "string", "description": "e.g. D5, or rest"}, "quarters": {"type": "number"},
                    "bar": {"type": "integer"}, "beat": {"type": "number"}, "key": {"type": "string"},
-                   "tempo": {"type": "number"}},
+                   "tempo": {"type": "number"}, "metre": {"type": "string"}},
 }
 NOW_PLAYING = {
     "type": "object", "required": ["state", "note", "key", "tempo", "notes_played"],
