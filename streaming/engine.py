@@ -149,8 +149,9 @@ class Group:
         self.fall = (r ** -np.arange(1, m.hop + 1, dtype=np.float64)).astype(np.float32)
         self.limited = 0  # frames the limiter turned down since the engine last counted them
         self.layers: list[Layer] = []  # stings playing on top of streams (inference thread only)
-        names = [c.name for c in m.controls]
-        self.played = [names.index("f0"), names.index("loudness")] if {"f0", "loudness"} <= set(names) else []
+        # the columns a performer plays (a composer's voice, a sting): f0 and loudness, where the model has them
+        self.played = [self.controls.index[n] for n in ("f0", "loudness")] if {"f0", "loudness"} <= \
+            set(self.controls.index) else []
         self.removed = False  # unloaded by `Engine.remove_model`; a new stream puts it back
 
     def predicted_seconds(self, streams: int) -> float:
@@ -310,7 +311,6 @@ class Stream:
         self.lock = threading.Lock()  # (group, slot) change together under it; readers join and leave under it
         self.seed = seed
         self.voice = voice  # a composed stream: the voice sets f0 and loudness every frame
-        self.played = [group.controls.index[n] for n in ("f0", "loudness")] if voice else []
         self.failure: str | None = None
         self.closed_underruns = 0
         self.name: str | None = None  # a name clients find it by (an overlay and its dock), unique among streams
@@ -351,7 +351,7 @@ class Stream:
 
     def perform(self) -> None:
         """Take this frame's f0 and loudness from the voice (unsmoothed: the performer shapes them)."""
-        self.group.controls.jump(self.slot, self.played, self.voice.frame_controls(self.frames))
+        self.group.controls.jump(self.slot, self.group.played, self.voice.frame_controls(self.frames))
 
     def fail(self, reason: str) -> None:
         self.failure = reason

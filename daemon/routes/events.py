@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from wavecast.daemon.api import ApiError, route
-from wavecast.daemon.routes.streams import STREAM, _controls
+from wavecast.daemon.routes.streams import STREAM, _controls, saturated
 from wavecast.daemon.service import Daemon
 from wavecast.streaming.engine import EngineSaturated, TooManyStings
 from wavecast.streaming.events import DUCK_DB, DUCK_SECONDS, NAME
@@ -75,7 +75,7 @@ async def send_event(request: web.Request, body: dict) -> web.Response:
         except ValueError as e:
             raise ApiError(422, "sting_refused", str(e)) from None
         except EngineSaturated as e:
-            raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
+            raise saturated(e) from None
     else:
         mood = d.events.moods.get(body["name"])
         if mood is None:

@@ -102,6 +102,11 @@ SINCE = {"type": "integer", "minimum": 0, "default": 0,
          "description": "skip the first N notes ever played, to poll for new ones"}
 
 
+def saturated(e: EngineSaturated) -> ApiError:
+    """The 503 for a stream, sting or switch the engine has no room for now."""
+    return ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)})
+
+
 def _controls(stream_or_group: Stream | Group | None, raw: Any, composed: bool) -> dict[str, Any]:
     try:
         return validate_controls(raw) if composed else validate(stream_or_group.manifest, raw)
@@ -127,7 +132,7 @@ async def apply_patch(d: Daemon, stream: Stream, body: dict) -> dict:
         try:
             d.engine.recompose(stream, composer)
         except EngineSaturated as e:
-            raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
+            raise saturated(e) from None
     if voice is None:
         stream.set_controls(controls)
         return {"controls": stream.controls()}
@@ -153,7 +158,7 @@ async def _switch_model(d: Daemon, stream: Stream, name: str) -> None:
         try:
             d.engine.swap(stream, group, states)
         except EngineSaturated as e:
-            raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
+            raise saturated(e) from None
         except ValueError as e:  # it began moving while it warmed
             raise ApiError(409, "stream_moving", f"{describe(e)}; send this again in a moment") from None
         for _ in range(100):  # the move happens at the next tick boundary: answer with the stream as it plays then
@@ -189,7 +194,7 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
     try:
         stream = d.engine.create_stream(group, seed, controls, composer, follows="@" not in name)
     except EngineSaturated as e:
-        raise ApiError(503, "engine_saturated", str(e), {"Retry-After": str(e.retry_after)}) from None
+        raise saturated(e) from None
     except ModelFailed as e:
         raise ApiError(503, "model_failed", f"{e}; see GET /v1/health (a new version of the model or a daemon "
                                             "restart brings it back)") from None
