@@ -45,7 +45,9 @@ from wavecast.streaming.events import Duck, Sting, midi_of, nearest_scale, regis
 from wavecast.streaming.model import FrameModel, Manifest, PoolFull, StatePool
 from wavecast.streaming.noise import shared_table, stream_key
 from wavecast.streaming.notes import Scale
+from wavecast.streaming.provenance import provenance
 from wavecast.streaming.ring import Reader, Rings
+from wavecast.streaming.watermark import DELAY, Key, Marker, payload_text
 
 log = logging.getLogger("wavecast.engine")
 BUFFER_FRAMES = 3  # target fill a stream starts with: 30 ms generated ahead of its hungriest listener
@@ -111,7 +113,7 @@ class Group:
     """The streams of one model version: the model and every per-slot array its batches use."""
 
     def __init__(self, model: FrameModel, capacity: int, buffer_frames: int, max_buffer_frames: int,
-                 cost: tuple[float, float]) -> None:
+                 cost: tuple[float, float], watermark: Key | None = None) -> None:
         m = model.manifest
         self.model = model
         self.manifest = m
@@ -148,6 +150,7 @@ class Group:
         self.rise = (r ** np.arange(1, m.hop + 1, dtype=np.float64)).astype(np.float32)
         self.fall = (r ** -np.arange(1, m.hop + 1, dtype=np.float64)).astype(np.float32)
         self.limited = 0  # frames the limiter turned down since the engine last counted them
+        self.marker = Marker(watermark, capacity, m.sample_rate, m.hop) if watermark is not None else None
         self.layers: list[Layer] = []  # stings playing on top of streams (inference thread only)
         # the columns a performer plays (a composer's voice, a sting): f0 and loudness, where the model has them
         self.played = [self.controls.index[n] for n in ("f0", "loudness")] if {"f0", "loudness"} <= \
@@ -167,9 +170,10 @@ class Group:
         below = r.written * r.hop - r.front < r.ahead * r.hop
         return np.flatnonzero(self.active & (r.listeners > 0) & below)
 
-    def run(self, slots: np.ndarray) -> np.ndarray:
+    def run(self, slots: np.ndarray, mark: bool = True) -> np.ndarray:
         """One frame for every slot in `slots`, written to their rings; returns the batch rows whose
-        output was not finite (they were silenced)."""
+        output was not finite (they were silenced). `mark` False: the frame of a stream's old version, which
+        its new slot crossfades and then marks."""
         n, b = len(slots), self.bucket(len(slots))  # rows n..b pad a bucket: stale inputs, outputs unused
         self.controls.step(slots, self.control[:n, 0])
         self.noise_table.fill(self.keys[slots], self.rings.written[slots], self.noise[:n, 0])
@@ -186,6 +190,8 @@ class Group:
         if self.layers:
             self.mix(slots, audio)
         self.duck.apply(slots, self.rings.written, audio)
+        if self.marker is not None and mark:
+            self.marker.apply(slots, self.rings.written[slots], audio)
         self.limit(slots, audio)
         bad = self.guard(audio)
         self.rings.write(slots, audio)
@@ -314,6 +320,7 @@ class Stream:
         self.failure: str | None = None
         self.closed_underruns = 0
         self.name: str | None = None  # a name clients find it by (an overlay and its dock), unique among streams
+        self.mark: int | None = None  # the watermark's 32-bit payload (key id, serial); None: not marked
 
     @property
     def manifest(self) -> Manifest:
@@ -365,8 +372,10 @@ class Stream:
         """What stands between a control change and the audio leaving the engine, in ms."""
         m = self.manifest
         frame_ms = 1000 * m.frame_seconds
+        marker = self.group.marker  # the mark's band filters delay the audio (every stream of a marking engine)
         return {"buffer": round(int(self.group.rings.ahead[self.slot]) * frame_ms, 1),
-                "smoothing": {c.name: round(1000 * c.smoothing, 1) for c in m.controls}}
+                "smoothing": {c.name: round(1000 * c.smoothing, 1) for c in m.controls},
+                "watermark": round(1000 * DELAY / m.sample_rate, 2) if marker is not None else 0.0}
 
     def info(self) -> dict:
         m = self.manifest
@@ -379,6 +388,7 @@ class Stream:
         group, slot = self.group, self.slot
         events = {"stings": [x.sting.name for x in list(group.layers) if x.stream is self],
                   "duck_db": round(float(group.duck.gain[slot]), 1)}
+        mark = None if self.mark is None else {"key_id": f"{self.mark >> 16:04x}", "payload": payload_text(self.mark)}
         return {
             "id": self.id, "name": self.name, "model": m.name, "version": m.version, "follows": self.follows,
             "seed": self.seed,
@@ -389,6 +399,8 @@ class Stream:
             "seconds": round(self.frames * m.frame_seconds, 3),
             "buffered_ms": None if buffered is None else round(1000 * buffered / m.sample_rate, 1),
             "latency_ms": self.latency(), "events": events,
+            "mark": mark,
+            "provenance": provenance(m, self.voice.group.manifest if self.voice else None, self.seed, mark),
         }
 
 
@@ -423,11 +435,12 @@ class Engine:
     renders and benches); `max_streams` bounds the slots of each group."""
 
     def __init__(self, buffer_frames: int = BUFFER_FRAMES, max_buffer_frames: int = MAX_BUFFER_FRAMES,
-                 max_streams: int = MAX_STREAMS, budget: float | None = BUDGET) -> None:
+                 max_streams: int = MAX_STREAMS, budget: float | None = BUDGET, watermark: Key | None = None) -> None:
         self.buffer_frames = buffer_frames
         self.max_buffer_frames = max(buffer_frames, max_buffer_frames)
         self.max_streams = max_streams
         self.budget = budget
+        self.watermark = watermark  # every stream created with a serial carries this key's mark
         self.overhead = 1.0  # measured tick time / predicted model time (>= 1), updated every tick
         self.groups: dict[tuple[str, int], Group] = {}
         self.composers: dict[tuple[str, int], ComposerGroup] = {}
@@ -450,7 +463,7 @@ class Engine:
                 cost = model.calibrate()
                 fits = (self.budget * model.manifest.frame_seconds - cost[0]) / cost[1]
                 capacity = max(1, min(self.max_streams, int(2 * fits) + 8))  # headroom for a faster machine state
-            self.groups[key] = Group(model, capacity, self.buffer_frames, self.max_buffer_frames, cost)
+            self.groups[key] = Group(model, capacity, self.buffer_frames, self.max_buffer_frames, cost, self.watermark)
             log.info("model group name=%s version=%s slots=%d fixed_us=%.0f per_stream_us=%.1f", *key, capacity,
                      1e6 * cost[0], 1e6 * cost[1])
         return self.groups[key]
@@ -475,8 +488,9 @@ class Engine:
 
     def create_stream(self, group: Group, seed: int, controls: Mapping[str, Any],
                       composer: ComposerGroup | None = None, keep_notes: int | None = 2000,
-                      follows: bool = True) -> Stream:
-        """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated).
+                      follows: bool = True, serial: int | None = None) -> Stream:
+        """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated); with
+        `serial` (16 bits) and the engine's watermark, every sample carries the mark of (key, serial).
         Raises EngineSaturated when it would break real time, ModelFailed for a quarantined model."""
         if group.failure is not None:
             raise ModelFailed(group.failure)
@@ -516,10 +530,14 @@ class Engine:
         group.rings.reset(slot)
         group.duck.reset(slot)
         group.limit_gain[slot] = 1.0
+        if group.marker is not None:
+            group.marker.assign(slot, serial)
         group.controls.reset(slot, controls)
         group.composed[slot] = voice is not None
         group.keys[slot] = stream_key(seed)
         stream = Stream(group, slot, seed, voice, follows)
+        if group.marker is not None and serial is not None:
+            stream.mark = self.watermark.payload(serial)
         group.streams[slot] = stream
         self.streams[stream.id] = stream
 
@@ -623,6 +641,8 @@ class Engine:
         old.duck.move(old_slot, group.duck, slot)
         group.limit_gain[slot], old.limit_gain[old_slot] = old.limit_gain[old_slot], 1.0
         group.limiting = group.limiting or group.limit_gain[slot] < 1.0
+        if group.marker is not None and old.marker is not None:
+            group.marker.take(slot, old.marker, old_slot)
         self._end_stings(old, [x for x in old.layers if x.parent == old_slot])  # a sting is cut
         group.streams[slot] = stream
         if stream.voice is not None:  # the composer writes for the new instrument's range from its next note
@@ -692,6 +712,8 @@ class Engine:
                 group.rings.reset(slot)
                 group.pool.reset(slot)
                 group.limit_gain[slot] = 1.0
+                if group.marker is not None:
+                    group.marker.assign(slot, None)
                 group.controls.targets[slot] = group.controls.targets[parent]
                 group.controls.current[slot] = group.controls.current[parent]
                 group.keys[slot] = stream_key(sting_key(stream.seed, self.stats.stings))
@@ -792,7 +814,7 @@ class Engine:
             old.controls.targets[fade.old_slot] = new.controls.targets[stream.slot]
             old.controls.current[fade.old_slot] = new.controls.current[stream.slot]
             try:
-                old.run(fade.slots)
+                old.run(fade.slots, mark=False)
             except Exception as e:
                 self._quarantine(old, e)
                 continue
@@ -928,28 +950,29 @@ class Engine:
 def render(
     model: FrameModel, seconds: float, seed: int, controls: Mapping[str, Any],
     timeline: list[tuple[float, Mapping[str, Any]]] = (), curves: np.ndarray | None = None,
-    composer: ComposerModel | None = None,
+    composer: ComposerModel | None = None, watermark: Key | None = None, serial: int = 0,
 ) -> np.ndarray:
     """The engine's output for one stream without a clock: the same code path as live streaming.
 
     `timeline` holds (time in seconds, controls) changes applied at the first frame at or after that time;
     for a composed stream (`composer` given) `controls` are the composer's and a timeline entry may also
     hold an "action" (play, pause, reset). `curves` [frames, C] (manifest order) gives every frame's
-    controls exactly, bypassing the smoother.
+    controls exactly, bypassing the smoother. With `watermark` the audio carries the mark of (key, `serial`).
     """
-    return compose(model, seconds, seed, controls, timeline, curves, composer)[0]
+    return compose(model, seconds, seed, controls, timeline, curves, composer, watermark, serial)[0]
 
 
 def compose(
     model: FrameModel, seconds: float, seed: int, controls: Mapping[str, Any],
     timeline: list[tuple[float, Mapping[str, Any]]] = (), curves: np.ndarray | None = None,
-    composer: ComposerModel | None = None,
+    composer: ComposerModel | None = None, watermark: Key | None = None, serial: int = 0,
 ) -> tuple[np.ndarray, list[Note]]:
     """`render`, also returning the notes a composed stream played (empty without a composer)."""
-    engine = Engine(buffer_frames=1, max_streams=1, budget=None)
+    engine = Engine(buffer_frames=1, max_streams=1, budget=None, watermark=watermark)
     group = engine.add_model(model)
     composers = engine.add_composer(composer) if composer is not None else None
-    stream = engine.create_stream(group, seed, controls, composers, keep_notes=None)
+    stream = engine.create_stream(group, seed, controls, composers, keep_notes=None,
+                                  serial=serial if watermark is not None else None)
     reader = stream.listen()
     hop = model.manifest.hop
     frames = int(round(seconds / model.manifest.frame_seconds))
