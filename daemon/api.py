@@ -7,7 +7,9 @@ The guard makes the API safe to run next to a browser: a page on another site ca
 - `Origin`, where a browser sends one, must be the daemon's own or one given with `--allow-origin`; only
   those get CORS headers.
 - A body is parsed only when it comes as `Content-Type: application/json`, which a cross-site form or a
-  `text/plain` fetch cannot send without a CORS preflight.
+  `text/plain` fetch cannot send without a CORS preflight. A route that takes a file (an `Upload`, e.g. audio
+  to detect a watermark in) takes it only with an explicit Content-Type of its own (audio/*,
+  application/octet-stream), none of which a form can send or a fetch can send without a preflight.
 - With a token (always when bound off loopback), every route but `/v1/health` needs `Authorization: Bearer`.
 """
 
@@ -59,6 +61,16 @@ Handler = Callable[..., Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
+class Upload:
+    """A route's raw (not JSON) body: a file of one of `types` ('audio/*': any audio type) of at most
+    `max_bytes`. The handler reads it with `read_upload` when it is ready to (after taking a slot, say)."""
+
+    types: tuple[str, ...]
+    max_bytes: int
+    description: str
+
+
+@dataclass(frozen=True)
 class Route:
     """One route: its handler and everything the OpenAPI document says of it."""
 
@@ -73,6 +85,7 @@ class Route:
     errors: dict[int, str] = field(default_factory=dict)  # status -> when, besides the ones every route has
     content_type: str = JSON
     public: bool = False  # answered without the token (health only)
+    upload: Upload | None = None  # a raw body the handler reads itself
 
 
 ROUTES: list[Route] = []
@@ -80,13 +93,13 @@ ROUTES: list[Route] = []
 
 def route(method: str, path: str, summary: str, *, returns: dict, status: int = 200, body: dict | None = None,
           query: dict[str, dict] | None = None, errors: dict[int, str] | None = None, content_type: str = JSON,
-          public: bool = False) -> Callable[[Handler], Handler]:
+          public: bool = False, upload: Upload | None = None) -> Callable[[Handler], Handler]:
     """Register a handler with its schemas. A handler with a `body` schema is called as
     `handler(request, body)` with the body already parsed and checked; others as `handler(request)`."""
 
     def register(handler: Handler) -> Handler:
         ROUTES.append(Route(method, path, summary, handler, returns, status, body, query or {}, errors or {},
-                            content_type, public))
+                            content_type, public, upload))
         return handler
 
     return register
@@ -116,6 +129,27 @@ async def read_body(request: web.Request, schema: dict) -> Any:
         return check(schema, parse_json(raw))
     except Invalid as e:
         raise ApiError(e.status, e.code, e.message) from None
+
+
+async def read_upload(request: web.Request, upload: Upload) -> bytes:
+    """The raw body of an `Upload` route, checked: an explicit Content-Type of the upload's (aiohttp reports a
+    missing one as application/octet-stream, which a cross-site fetch could then send without a preflight), and
+    at most `upload.max_bytes` (read in chunks past the JSON routes' MAX_BODY_BYTES)."""
+    given = request.content_type if "Content-Type" in request.headers else None
+    if not any(given == t or (t.endswith("/*") and (given or "").startswith(t[:-1])) for t in upload.types):
+        raise ApiError(415, "unsupported_media_type", f"send the file as the raw body with a 'Content-Type' of "
+                       f"{' or '.join(upload.types)} (e.g. audio/ogg), not {given or 'none'}")
+    too_large = ApiError(413, "body_too_large", f"the file is limited to {upload.max_bytes} bytes")
+    if (request.content_length or 0) > upload.max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        raw += chunk
+        if len(raw) > upload.max_bytes:
+            raise too_large
+    if not raw:
+        raise ApiError(400, "empty_body", f"the body is empty; send the file itself ({upload.description})")
+    return bytes(raw)
 
 
 def query_value(request: web.Request, name: str, schema: dict) -> Any:

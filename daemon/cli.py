@@ -10,10 +10,11 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
-import wave
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from wavecast.streaming.events import Events
+    from wavecast.streaming.watermark import Key
 
 log = logging.getLogger("wavecast")
 
@@ -123,7 +125,7 @@ def drop_client_errors(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
 
 
-async def serve(args: argparse.Namespace, token: str | None, events: Events) -> None:
+async def serve(args: argparse.Namespace, token: str | None, events: Events, watermark: Key | None) -> None:
     from aiohttp import web
 
     from wavecast.daemon.api import Guard
@@ -140,7 +142,7 @@ async def serve(args: argparse.Namespace, token: str | None, events: Events) -> 
     guard = Guard(bound=args.host.strip("[]").lower(), hosts=frozenset(h.lower() for h in args.allow_host),
                   origins=frozenset(o.rstrip("/") for o in args.allow_origin), token=token)
     daemon = Daemon(ModelStore(args.store), limits=limits, guard=guard, buffer_frames=args.buffer_frames,
-                    budget=args.tick_budget, encode_budget=args.encode_budget, events=events)
+                    budget=args.tick_budget, encode_budget=args.encode_budget, events=events, watermark=watermark)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
     runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=1.0)
@@ -167,6 +169,18 @@ async def serve(args: argparse.Namespace, token: str | None, events: Events) -> 
     await runner.cleanup()
 
 
+def serve_key(args: argparse.Namespace) -> Key | None:
+    """The key every stream is marked with: the data directory's, made on the first start (None: --watermark
+    off, said once in the log; the streams' provenance says it too)."""
+    from wavecast.daemon.marks import load_key, watermark_dir
+    from wavecast.models.store import ModelStore
+
+    if args.watermark == "off":
+        logging.getLogger("wavecast.daemon").warning("the watermark is off (--watermark off): streams carry no mark")
+        return None
+    return load_key(watermark_dir(ModelStore(args.store).root), create=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -176,6 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "--token-file FILE; clients then send 'Authorization: Bearer TOKEN'", file=sys.stderr)
         return 2
     from wavecast.daemon.api import ApiError
+    from wavecast.daemon.marks import KeyFileError
     from wavecast.streaming.events import EventError, load_events
 
     try:
@@ -184,7 +199,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: --events {e}", file=sys.stderr)
         return 2
     try:
-        uvloop.run(serve(args, token, events))
+        watermark = serve_key(args)
+    except (KeyFileError, OSError) as e:
+        reason = f"cannot make the watermark key in {e.filename} ({e.strerror})" if isinstance(e, OSError) else e
+        print(f"error: {reason}; or start with --watermark off", file=sys.stderr)
+        return 2
+    try:
+        uvloop.run(serve(args, token, events, watermark))
     except ApiError as e:  # the start-up model is unknown or unusable
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -196,22 +217,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- render -----------------------------------------------------------------------------------------
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
+RENDER_CODECS = {".wav": "", ".flac": "flac", ".ogg": "libopus"}  # --out's suffix: its PyAV encoder (WAV: written here)
+INFO_IDS = {"title": "INAM", "artist": "IART", "comment": "ICMT", "date": "ICRD", "software": "ISFT"}  # WAV LIST/INFO
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+
+
+def riff_chunk(tag: bytes, data: bytes) -> bytes:
+    return tag + struct.pack("<I", len(data)) + data + b"\0" * (len(data) % 2)
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int, tags: dict[str, str] | None = None) -> None:
+    """Mono 16-bit WAV; `tags` (INFO_IDS' names) go in a LIST/INFO chunk before the samples, where players and
+    ffmpeg read them as title, artist, comment, date and encoder."""
+    pcm = pcm16(audio)
+    info = b"".join(riff_chunk(INFO_IDS[name].encode(), value.encode("utf-8") + b"\0")
+                    for name, value in (tags or {}).items())
+    head = b"WAVE" + riff_chunk(b"fmt ", struct.pack("<HHIIHH", 1, 1, sample_rate, 2 * sample_rate, 2, 16))
+    head += riff_chunk(b"LIST", b"INFO" + info) if info else b""
+    with open(path, "wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", len(head) + 8 + pcm.nbytes) + head)
+        f.write(b"data" + struct.pack("<I", pcm.nbytes))
+        f.write(pcm.tobytes())
+
+
+def write_encoded(path: Path, audio: np.ndarray, sample_rate: int, codec: str, tags: dict[str, str]) -> None:
+    """Mono FLAC or Ogg Opus (at 48 kHz, Opus's rate) through PyAV, `tags` as its Vorbis comments. Bit-exact
+    muxing: the same audio and tags give the same file (no random Ogg serial, no ffmpeg version in it)."""
+    import av
+
+    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as out:
+        out.metadata.update(tags)
+        stream = out.add_stream(codec, rate=48_000 if codec == "libopus" else sample_rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm16(audio)[None], format="s16", layout="mono")
+        frame.sample_rate = sample_rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+
+
+def render_mark(store_root: Path, record: dict) -> tuple[Key, int]:
+    """The data directory's watermark key (made on first use) and a new serial, recorded with `record`."""
+    from wavecast.daemon.marks import Registry, load_key, watermark_dir
+
+    directory = watermark_dir(store_root)
+    key = load_key(directory, create=True)
+    return key, Registry(directory).issue(record)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from wavecast.daemon.marks import KeyFileError
     from wavecast.models.store import ModelStore
     from wavecast.streaming.composer import ComposerModel, validate_controls
     from wavecast.streaming.controls import ControlError, validate
     from wavecast.streaming.engine import compose
     from wavecast.streaming.model import FrameModel, ModelError
+    from wavecast.streaming.provenance import generator_version, provenance
+    from wavecast.streaming.watermark import payload_text
 
+    codec = RENDER_CODECS.get(args.out.suffix.lower())
+    if codec is None:
+        print(f"error: --out {args.out}: wavecast writes .wav, .flac or .ogg (Opus) files; give one of those "
+              "suffixes", file=sys.stderr)
+        return 2
     store = ModelStore(args.store)
     try:
         model = FrameModel(store.resolve(args.model).directory, device=args.device)
@@ -233,15 +302,41 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.midi and composer is None:
         print("error: --midi writes the notes of a composed render; add --composer NAME", file=sys.stderr)
         return 2
-    audio, notes = compose(model, args.seconds, args.seed, controls, timeline, composer=composer)
-    m = model.manifest
-    write_wav(args.out, audio, m.sample_rate)
-    what = f"'{m.name}' v{m.version}" + (f" composed by '{args.composer}'" if composer else "")
-    print(f"wrote {args.out}: {args.seconds:g} s of {what}, seed {args.seed}", file=sys.stderr)
+    m, c = model.manifest, composer.manifest if composer else None
+    key, serial, mark = None, 0, None
+    if args.watermark == "on":
+        try:
+            key, serial = render_mark(store.root, {
+                "kind": "render", "model": m.name, "version": m.version, "composer": c.name if c else None,
+                "composer_version": c.version if c else None, "seed": args.seed, "seconds": args.seconds,
+                "out": str(args.out.resolve())})
+        except (OSError, KeyFileError) as e:
+            reason = f"cannot make the watermark key or record the render in {e.filename} ({e.strerror})" \
+                if isinstance(e, OSError) else e
+            print(f"error: {reason}; or render with --watermark off", file=sys.stderr)
+            return 2
+        mark = {"key_id": f"{key.id:04x}", "payload": payload_text(key.payload(serial))}
+    audio, notes = compose(model, args.seconds, args.seed, controls, timeline, composer=composer, watermark=key,
+                           serial=serial)
+    about = provenance(m, c, args.seed, mark, why_unmarked="wavecast render ran with --watermark off")
+    what = f"{m.name} v{m.version}" + (f", {c.name} v{c.version}" if c else "") + f", seed {args.seed}"
+    tags = {"title": what, "artist": "wavecast (AI-generated)", "comment": about["statement"],
+            "date": date.today().isoformat()}
+    if codec:
+        write_encoded(args.out, audio, m.sample_rate, codec,
+                      tags | {"encoded_by": f"wavecast {generator_version()}", "provenance": json.dumps(about)})
+    else:
+        write_wav(args.out, audio, m.sample_rate, tags | {"software": f"wavecast {generator_version()}"})
+        sidecar = args.out.with_name(args.out.name + ".provenance.json")  # WAV has no tag for it
+        sidecar.write_text(json.dumps(about, indent=2) + "\n")
+    marked = f"watermark {mark['payload']}" if mark else "no watermark (--watermark off)"
+    also = "" if codec else f" and its provenance {sidecar.name}"
+    print(f"wrote {args.out}{also}: {args.seconds:g} s of {what}, {marked}", file=sys.stderr)
     if args.midi:
         from wavecast.daemon.midi import write_midi
 
-        write_midi(args.midi, notes, m.frame_seconds, int(m.source.get("gm_program", 0)))
+        write_midi(args.midi, notes, m.frame_seconds, int(m.source.get("gm_program", 0)),
+                   texts=(about["statement"], json.dumps(about, separators=(",", ":"))))
         print(f"wrote {args.midi}: {sum(n.midi is not None for n in notes)} notes", file=sys.stderr)
     return 0
 
@@ -540,6 +635,70 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- detect -----------------------------------------------------------------------------------------
+def detect_keys(args: argparse.Namespace) -> list[Key]:
+    """The data directory's key (if any) and every --key file's; KeyFileError when one cannot be read."""
+    from wavecast.daemon.marks import load_key, read_key, watermark_dir
+    from wavecast.models.store import ModelStore
+
+    own = load_key(watermark_dir(ModelStore(args.store).root), create=False)
+    return ([own] if own is not None else []) + [read_key(path) for path in args.key]
+
+
+def describe_source(record: dict | None) -> str:
+    """What a mark's registry record says, in words: 'render of 'violin' v1 by 'folk' v1, seed 3 (2026-12-02)'."""
+    if record is None:
+        return "not in this machine's registry (marked elsewhere with this key, or the registry was lost)"
+    what = "render" if record.get("kind") == "render" else f"stream {record.get('stream') or '(id unknown)'}"
+    text = f"{what} of '{record.get('model')}' v{record.get('version')}"
+    if record.get("composer"):
+        text += f" by '{record['composer']}' v{record.get('composer_version')}"
+    text += f", seed {record.get('seed')}"
+    if record.get("name"):
+        text += f", named '{record['name']}'"
+    return text + f" ({str(record.get('at', '?'))[:10]})"
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from wavecast.daemon.marks import KeyFileError, Registry, Unreadable, examine, watermark_dir
+    from wavecast.models.store import ModelStore
+    from wavecast.streaming.watermark import THRESHOLD
+
+    directory = watermark_dir(ModelStore(args.store).root)
+    try:
+        keys = detect_keys(args)
+    except KeyFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not keys:
+        print(f"error: no watermark key in {directory}; pass --key FILE or run on the machine whose daemon marked "
+              "the audio", file=sys.stderr)
+        return 2
+    registry = Registry(directory)
+    status = 0
+    for path in args.files:
+        try:
+            result = examine(path, keys, registry)
+        except Unreadable as e:
+            status = 2
+            if args.json:
+                print(json.dumps({"file": str(path), "error": str(e)}), flush=True)
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if not result["marked"]:
+            status = max(status, 1)
+        if args.json:
+            print(json.dumps({"file": str(path)} | result), flush=True)
+        elif result["marked"]:
+            key, serial = result["payload"].split("-")
+            found = ", ".join(f"{a:.1f}-{b:.1f} s" for a, b in result["ranges"]) or "nowhere on its own"
+            print(f"{path}: marked (confidence {result['confidence']:.6f}, score {result['score']:.1f}): key {key}, "
+                  f"serial {serial} = {describe_source(result['source'])}; found {found}", flush=True)
+        else:
+            print(f"{path}: not marked (score {result['score']:.1f}; a mark scores {THRESHOLD:g} or more)", flush=True)
+    return status
+
+
 def add_run_arguments(p: argparse.ArgumentParser, work: str) -> None:
     """The options every training command shares: where it runs and where its result goes."""
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for training")
@@ -614,6 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames (10 ms each) a stream starts generating ahead of its hungriest listener; it grows by "
                         f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns; at least 2, as a WebRTC "
                         "packet takes 20 ms at once (default: %(default)s)")
+    s.add_argument("--watermark", choices=["on", "off"], default="on",
+                   help="on: every sample a stream sends carries an inaudible mark of this daemon's key (made in the "
+                        "data directory on first start) and the stream's serial, which 'wavecast detect' reads "
+                        "back; off: no mark, and the streams' provenance says so (default: %(default)s)")
     s.add_argument("--events", type=Path, metavar="FILE",
                    help="a JSON file of stings and moods that adds to or replaces the shipped ones by name (format: "
                         "docs/overlay.md, 'Stings and moods')")
@@ -655,9 +818,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "DNS name); repeatable. Other names are refused (DNS rebinding)")
     s.set_defaults(func=cmd_serve)
 
-    r = sub.add_parser("render", help="write a stream to a WAV file, reproducibly",
-                       description="Run the engine without a clock and write mono 16-bit WAV. "
-                                   "The same model, seed and controls give a bit-identical file.")
+    r = sub.add_parser("render", help="write a stream to an audio file, reproducibly",
+                       description="Run the engine without a clock and write mono 16-bit WAV, FLAC or Ogg Opus, "
+                                   "tagged with its provenance (AI-generated, the models, their training data, the "
+                                   "seed, the watermark). With --watermark off, the same model, seed and controls "
+                                   "give bit-identical audio; on, each render carries a serial of its own.")
     r.add_argument("--model", default="default", help="instrument model name (default: %(default)s)")
     r.add_argument("--composer", help="composer model name, e.g. folk: it writes the notes the instrument plays")
     r.add_argument("--seconds", type=number(float, 0.01, 86_400), required=True, help="length of the render")
@@ -669,8 +834,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--change", type=parse_change, action="append", default=[], metavar="SECONDS:NAME=VALUE",
                    help="a control change during the render, repeatable, e.g. --change 30:tempo=140; with "
                         "--composer also --change 20:action=pause|play|reset")
-    r.add_argument("--out", type=Path, required=True, help="WAV file to write")
+    r.add_argument("--out", type=Path, required=True,
+                   help="file to write: .wav (its provenance also in OUT.provenance.json), .flac or .ogg (Opus)")
     r.add_argument("--midi", type=Path, help="with --composer: also write the notes as a MIDI file")
+    r.add_argument("--watermark", choices=["on", "off"], default="on",
+                   help="mark the audio with this data directory's key and a serial of its own, recorded in the "
+                        "registry, so that 'wavecast detect' finds it; off says so in the provenance "
+                        "(default: %(default)s)")
     r.add_argument("--store", type=Path, help=store_help)
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="ONNX Runtime device (default: %(default)s, bit-reproducible)")
@@ -764,6 +934,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("devices", help="list sound output devices")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_devices)
+
+    w = sub.add_parser("detect", help="is an audio file marked by this machine's watermark key?",
+                       description="Read the watermark of each audio file (WAV, FLAC, Ogg/Opus, WebM, anything "
+                                   "PyAV opens; at least 2 s): marked or not, the confidence, the payload (key id "
+                                   "and serial) and what it names (a stream or a render: model, seed, date), and "
+                                   "where in the file the mark is. Exit status: 0 when every file is marked, 1 "
+                                   "when one is not, 2 when one cannot be read or there is no key.")
+    w.add_argument("files", type=Path, nargs="+", metavar="FILE", help="audio files to examine")
+    w.add_argument("--json", action="store_true",
+                   help='one JSON object a file: {"file", "marked", "confidence", "payload", "ranges", "score", '
+                        '"source"} ({"file", "error"} for an unreadable one)')
+    w.add_argument("--store", type=Path, help=f"{store_help}; its data directory holds the key (watermark/key.json)")
+    w.add_argument("--key", type=Path, action="append", default=[], metavar="FILE",
+                   help="another key file (a key.json from another machine, or an old one); repeatable")
+    w.set_defaults(func=cmd_detect)
     return p
 
 

@@ -23,6 +23,7 @@ class Listener:
         self.replies: asyncio.Queue[dict] = asyncio.Queue()  # answers to what we sent
         self.now_playing: list[dict] = []  # a composed stream's note announcements
         self.telemetry: list[dict] = []  # the stream's latency, fill and underruns, about once a second
+        self.provenance: dict | None = None  # the daemon's first message: what made the audio (AI-generated)
         self.failure: asyncio.Future = asyncio.get_running_loop().create_future()  # the stream_failed notice
         self.track_ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.channel_open = asyncio.Event()
@@ -45,6 +46,8 @@ class Listener:
                 self.now_playing.append(body)
             elif kind == "telemetry":
                 self.telemetry.append(body)
+            elif kind == "provenance":
+                self.provenance = body
             elif kind == "stream_failed":
                 if not self.failure.done():
                     self.failure.set_result(body)

@@ -4,7 +4,8 @@ The file is in the piece's own musical time, so other tools read its form: each 
 in quarter notes (480 ticks each), with a tempo event wherever the tempo changes, a time signature wherever the
 metre does and a key signature wherever the key does (a mode is written as the key signature of its major
 scale; minor as minor). A pause or a reset, which leave a gap the notes' quarters do not account for, becomes
-that gap at the tempo then playing, so the file's timing is the stream's.
+that gap at the tempo then playing, so the file's timing is the stream's. Text meta events at the start say
+what made it (the provenance).
 """
 
 from __future__ import annotations
@@ -47,9 +48,18 @@ def tempo(quarters_per_minute: float) -> bytes:
     return b"\xff\x51\x03" + round(60_000_000 / quarters_per_minute).to_bytes(3, "big")
 
 
-def write_midi(path: Path, notes: list[Note], frame_seconds: float, program: int = 0) -> None:
-    """`notes` (oldest first, as a stream played them) as a format-0 file on `program` (GM, 0-based)."""
-    events: list[tuple[int, int, bytes]] = []  # (tick, order at one tick: meta, off, on; message)
+def text(words: str) -> bytes:
+    """A text meta event (FF 01), UTF-8."""
+    data = words.encode("utf-8")
+    return b"\xff\x01" + _varlen(len(data)) + data
+
+
+def write_midi(path: Path, notes: list[Note], frame_seconds: float, program: int = 0,
+               texts: tuple[str, ...] = ()) -> None:
+    """`notes` (oldest first, as a stream played them) as a format-0 file on `program` (GM, 0-based), with
+    `texts` as text events at its start."""
+    # (tick, order at one tick: meta, off, on; message); the sort below is stable, so the texts come first
+    events: list[tuple[int, int, bytes]] = [(0, 0, text(words)) for words in texts]
     tick, previous = 0, None
     for note in notes:
         if previous is not None:

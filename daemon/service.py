@@ -1,12 +1,16 @@
 """`Daemon`: everything `wavecast serve` holds (the engine, loaded models, peers, encoders, device outputs),
 its limits, and how it stops. The event loop only schedules: model loading and device work run in the
-default executor, inference in the engine's thread, Opus encoding in the encoding thread."""
+default executor, inference in the engine's thread, Opus encoding in the encoding thread, watermark detection in
+a process of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -16,6 +20,7 @@ from wavecast.daemon.api import ApiError, Guard, RateLimit
 from wavecast.daemon.device import DeviceOutput
 from wavecast.daemon.jobs import Jobs
 from wavecast.daemon.limits import Limits
+from wavecast.daemon.marks import Registry, watermark_dir
 from wavecast.daemon.peers import ENCODER_DELAY_SAMPLES, PACKET_SAMPLES, SAMPLE_RATE, Encoding, StreamEncoder
 from wavecast.daemon.swap import Follower
 from wavecast.models.store import ModelStore, UnknownVersion, default_work
@@ -23,23 +28,30 @@ from wavecast.streaming.composer import ComposerGroup, ComposerModel
 from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Group, Stream
 from wavecast.streaming.events import Events, load_events
 from wavecast.streaming.model import FrameModel, ModelError
+from wavecast.streaming.watermark import Key
 
 if TYPE_CHECKING:
     from wavecast.daemon.routes.webrtc import Peer
 
 log = logging.getLogger("wavecast.daemon")
 DRAIN_SECONDS = 4.0  # SIGTERM: the most that closing peers and devices may take before the process exits
+DETECTIONS = 2  # watermark detections accepted at once: one runs in the detector process, one waits for it
 
 
 class Daemon:
     def __init__(self, store: ModelStore, *, limits: Limits | None = None, guard: Guard | None = None,
                  buffer_frames: int = BUFFER_FRAMES, budget: float = BUDGET, encode_budget: float = BUDGET,
-                 events: Events | None = None) -> None:
+                 events: Events | None = None, watermark: Key | None = None) -> None:
         self.store = store
         self.events = events or load_events()  # the stings and moods streams can be sent
         self.limits = limits = limits or Limits()
         self.guard = guard or Guard()
-        self.engine = Engine(buffer_frames=buffer_frames, max_streams=limits.max_streams, budget=budget)
+        self.engine = Engine(buffer_frames=buffer_frames, max_streams=limits.max_streams, budget=budget,
+                             watermark=watermark)
+        # the serials streams' marks carry, and what they name
+        self.marks = Registry(watermark_dir(store.root), watermark)
+        self.detections = asyncio.Semaphore(DETECTIONS)  # POST /v1/detect: a busy daemon answers 503
+        self._detector: ProcessPoolExecutor | None = None
         self.encode_budget = encode_budget  # busy share of the encoding thread past which no new encoder starts
         self.stream_rate = RateLimit(limits.stream_rate, limits.stream_burst)
         self.peers: dict[str, set[Peer]] = {}
@@ -156,6 +168,20 @@ class Daemon:
             log.warning("drain took longer than %.0f s; stopping anyway", DRAIN_SECONDS)
         await jobs
         self.engine.stop()
+        if self._detector is not None:
+            self._detector.shutdown(wait=False, cancel_futures=True)
+
+    def detector(self, restart: bool = False) -> ProcessPoolExecutor:
+        """The process that decodes and searches files for the mark (POST /v1/detect): a file is decoded by
+        ffmpeg and searched for seconds of CPU, neither of which may stall the engine's thread or the loop (the
+        GIL), nor take the daemon down with it (a hostile file). Lower priority than the streams; made on first
+        use, again after it died."""
+        if self._detector is None or restart:
+            if self._detector is not None:
+                self._detector.shutdown(wait=False, cancel_futures=True)
+            self._detector = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=os.nice, initargs=(10,))
+        return self._detector
 
     def limit_metrics(self) -> dict[str, float]:
         return asdict(self.limits)

@@ -27,7 +27,7 @@ def test_render_is_bit_identical_per_seed(tmp_path: Path) -> None:
     def render(seed: int, name: str) -> Path:
         out = tmp_path / name
         result = wavecast("render", "--model", "default", "--seconds", "1.5", "--seed", str(seed),
-                          "--control", "f0=440", "--control", "loudness=-20", "--out", str(out))
+                          "--control", "f0=440", "--control", "loudness=-20", "--watermark", "off", "--out", str(out))
         assert result.returncode == 0, result.stderr
         return out
 
@@ -64,7 +64,7 @@ def test_render_refuses_bad_controls_and_models(tmp_path: Path) -> None:
 
 def test_render_a_composed_piece_with_its_notes(tmp_path: Path) -> None:
     args = ["render", "--model", "violin", "--composer", "folk", "--seconds", "4", "--seed", "7",
-            "--control", "scale=G major", "--control", "tempo=150", "--change", "2:action=reset"]
+            "--control", "scale=G major", "--control", "tempo=150", "--change", "2:action=reset", "--watermark", "off"]
     first = wavecast(*args, "--out", str(tmp_path / "a.wav"), "--midi", str(tmp_path / "a.mid"))
     assert first.returncode == 0, first.stderr
     again = wavecast(*args, "--out", str(tmp_path / "b.wav"), "--midi", str(tmp_path / "b.mid"))

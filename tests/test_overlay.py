@@ -152,9 +152,10 @@ def test_the_overlay_plays_the_note_it_shows(browser, pages: list[Recorded], ser
         [(s["t"] - start, round(s["hz"]), candidates(timeline, s["t"])) for s in voiced if s not in matched][:10])
     # the page shows the note it was told, and the credit line
     shown = piece.js("[document.getElementById('note').textContent, wavecast.nowPlaying.note.note, "
-                     "document.getElementById('credit').textContent]")
+                     "document.getElementById('credit').textContent, document.getElementById('credit').title]")
     assert shown[0] in (shown[1], "…"), shown
-    assert shown[2] == "AI-generated music · violin v1 · folk v1 · seed 3", shown
+    assert shown[2] == "AI-generated music · violin v1 · folk v1 · seed 3 · watermarked", shown  # serve's default
+    assert shown[3].startswith("AI-generated music, made by wavecast") and shown[3].endswith("seed 3."), shown
     assert not piece.errors, piece.errors
 
 

@@ -131,6 +131,11 @@ def openapi(version: str) -> dict:
             op["parameters"] = params
         if r.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": r.body}}}
+        if r.upload is not None:
+            op["requestBody"] = {"required": True, "description": r.upload.description,
+                                 "content": {t: {"schema": {"type": "string", "format": "binary",
+                                                            "maxLength": r.upload.max_bytes}}
+                                             for t in r.upload.types}}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",

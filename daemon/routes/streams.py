@@ -11,7 +11,7 @@ from aiohttp import web
 
 from wavecast.daemon.api import ApiError, query_value, route
 from wavecast.daemon.service import Daemon
-from wavecast.streaming.composer import ACTIONS, validate_controls
+from wavecast.streaming.composer import ACTIONS, ComposerGroup, validate_controls
 from wavecast.streaming.controls import ControlError, validate
 from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, Stream, describe
 
@@ -76,10 +76,27 @@ NOW_PLAYING = {
     "properties": {"state": {"enum": ["playing", "paused"]}, "note": {"anyOf": [NOTE, {"type": "null"}]},
                    "key": {"type": "string"}, "tempo": {"type": "number"}, "notes_played": {"type": "integer"}},
 }
+MARK = {"type": "object", "required": ["key_id", "payload"],
+        "description": "the watermark every sample of the stream carries (docs/watermark.md)",
+        "properties": {"key_id": {"type": "string", "description": "the daemon's key, 4 hex digits"},
+                       "payload": {"type": "string", "description": "key id and the stream's serial, 'kkkk-ssss'"}}}
+PROVENANCE = {
+    "type": "object", "required": ["ai_generated", "statement", "generator", "models", "seed", "watermark"],
+    "description": "what made the audio (docs/provenance.md)",
+    "properties": {
+        "ai_generated": {"const": True}, "statement": {"type": "string"}, "generator": {"type": "object"},
+        "models": {"type": "array", "description": "instrument, then composer: name, version, kind, trained_by and "
+                                                  "the training data's sources and licences"},
+        "seed": {"type": "integer"},
+        "watermark": {"type": "object", "required": ["on"], "properties": {
+            "on": {"type": "boolean"}, "key_id": {"type": "string"}, "payload": {"type": "string"},
+            "why": {"type": "string", "description": "when off: why"}}},
+    },
+}
 STREAM = {
     "type": "object",
     "required": ["id", "model", "version", "follows", "seed", "controls", "state", "underruns", "listeners", "frames",
-                 "seconds", "buffered_ms", "latency_ms", "peers", "encoders", "device"],
+                 "seconds", "buffered_ms", "latency_ms", "peers", "encoders", "device", "mark", "provenance"],
     "properties": {
         "id": {"type": "string"}, "name": {"type": ["string", "null"]}, "model": {"type": "string"},
         "version": {"type": "integer"},
@@ -96,6 +113,8 @@ STREAM = {
         "events": {"type": "object", "properties": {
             "stings": {"type": "array", "description": "the stings playing now"},
             "duck_db": {"type": "number", "description": "the stream's gain now: below 0 while a duck lowers it"}}},
+        "mark": {"anyOf": [MARK, {"type": "null"}], "description": "null: the daemon runs with --watermark off"},
+        "provenance": PROVENANCE,
     },
 }
 SINCE = {"type": "integer", "minimum": 0, "default": 0,
@@ -191,8 +210,9 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
         controls = _controls(group, body.get("controls", {}), composed=False)
     if "name" in body:
         _name_free(d, body["name"])  # again: another request may have taken it while the models loaded
+    serial = await _issue_serial(d, group, composer, seed, body.get("name"))
     try:
-        stream = d.engine.create_stream(group, seed, controls, composer, follows="@" not in name)
+        stream = d.engine.create_stream(group, seed, controls, composer, follows="@" not in name, serial=serial)
     except EngineSaturated as e:
         raise saturated(e) from None
     except ModelFailed as e:
@@ -200,7 +220,28 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
                                             "restart brings it back)") from None
     stream.name = body.get("name")
     log.info("stream created id=%s model=%s composer=%s seed=%s", stream.id, name, composer_name, seed)
+    if serial is not None:  # the registry learns the stream's id, which it gets only now
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, d.marks.amend, serial, {"stream": stream.id})
+        except OSError as e:  # the stream plays and is marked; only its id is missing from the record
+            log.warning("watermark registry: cannot add stream id=%s to serial %d (%s)", stream.id, serial, e)
     return web.json_response(d.stream_info(stream), status=201)
+
+
+async def _issue_serial(d: Daemon, group: Group, composer: ComposerGroup | None, seed: int,
+                        name: str | None) -> int | None:
+    """The serial the new stream's mark carries, recorded in the registry (None: the watermark is off)."""
+    if d.engine.watermark is None:
+        return None
+    record = {"kind": "stream", "model": group.manifest.name, "version": group.manifest.version,
+              "composer": composer.manifest.name if composer else None,
+              "composer_version": composer.manifest.version if composer else None, "seed": seed, "name": name}
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, d.marks.issue, record)
+    except OSError as e:
+        raise ApiError(500, "watermark_registry", f"cannot record the stream's watermark serial in "
+                       f"{d.marks.directory} ({e.strerror}); check that directory, or restart the daemon with "
+                       "--watermark off") from None
 
 
 def _name_free(d: Daemon, name: str) -> None:

@@ -4,9 +4,10 @@ A client POSTs its SDP offer and gets an answer with one 48 kHz stereo Opus trac
 encoder's packets). Over a data channel labelled `controls` it sends MESSAGE (PATCH's body, plus an optional
 `id` the reply repeats) and gets one reply per message, `{"type": "controls", ...}` or
 `{"type": "error", "error": {"code", "message"}}`; no input closes the peer. Unasked, the daemon sends
-`now_playing` (composed streams, each note), `telemetry` (every TELEMETRY_SECONDS), `stream_failed` once if
-the stream's model fails, and `{"type": "error", ...}` just before it hangs up (stream deleted, encoder
-failed, daemon stopping).
+`provenance` first (the stream info's `provenance`: AI-generated, by which models from which data, the seed,
+the watermark), then `now_playing` (composed streams, each note), `telemetry` (every TELEMETRY_SECONDS),
+`stream_failed` once if the stream's model fails, and `{"type": "error", ...}` just before it hangs up (stream
+deleted, encoder failed, daemon stopping).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class Peer:
         if channel.label != "controls":
             return
         self.channels.append(channel)
+        # aiortc opens the channel before it announces it, so this is the first message the peer gets
+        channel.send(json.dumps({"type": "provenance", **self.stream.info()["provenance"]}))
         inbox: asyncio.Queue = asyncio.Queue()
         self.tasks.add(asyncio.ensure_future(self.announce(channel)))
         self.tasks.add(asyncio.ensure_future(self.answer_all(channel, inbox)))

@@ -95,11 +95,13 @@ export async function findOrCreate(name) {
   }
 }
 
-// "AI-generated music · violin v1 · folk v1 · seed 7"
+// "AI-generated music · violin v1 · folk v1 · seed 7 · watermarked" (the last part when the stream's provenance
+// says it carries the daemon's watermark)
 export function credit(stream) {
   const parts = ["AI-generated music", `${stream.model} v${stream.version}`];
   if (stream.composer) parts.push(`${stream.composer} v${stream.composer_version}`);
   parts.push(`seed ${stream.seed}`);
+  if (stream.provenance?.watermark.on) parts.push("watermarked");
   return parts.join(" · ");
 }
 

@@ -214,6 +214,7 @@ function draw() {
 function showStream(stream) {
   wc.stream = stream;
   $("credit").textContent = credit(stream);
+  $("credit").title = stream.provenance?.statement ?? "";
   if (!stream.composer) {
     $("note").textContent = stream.model;
     $("key").textContent = "";
