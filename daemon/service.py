@@ -6,9 +6,12 @@ a process of its own."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -35,7 +38,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wavecast.daemon")
 DRAIN_SECONDS = 4.0  # SIGTERM: the most that closing peers and devices may take before the process exits
+PR_SET_PDEATHSIG = 1  # prctl(2)
 DETECTIONS = 2  # watermark detections accepted at once: one runs in the detector process, one waits for it
+
+
+def detector_process() -> None:
+    """The detector process starts below the streams' priority, and ends with the daemon even when the daemon
+    is killed outright (Linux: the parent-death signal), so no killed daemon leaves it behind."""
+    os.nice(10)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Daemon:
@@ -180,7 +192,7 @@ class Daemon:
             if self._detector is not None:
                 self._detector.shutdown(wait=False, cancel_futures=True)
             self._detector = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=os.nice, initargs=(10,))
+                                                 initializer=detector_process)
         return self._detector
 
     def limit_metrics(self) -> dict[str, float]:
