@@ -22,6 +22,7 @@ from wavecast.models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, Performanc
 from wavecast.streaming.analysis import estimate_f0
 from wavecast.streaming.engine import render
 from wavecast.streaming.model import FrameModel
+from wavecast.streaming.watermark import DELAY, Key
 
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # also the training loss's (models/train.py)
 
@@ -226,9 +227,12 @@ def curves_for(model: FrameModel, perf: Performance) -> np.ndarray:
 
 
 def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: float | None = None,
-           log: Callable[[str], None] = lambda line: None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+           log: Callable[[str], None] = lambda line: None, watermark: Key | None = None,
+           serial: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Render each performance through the engine with its exact controls and measure it against the
-    FluidSynth audio and the baseline. Returns the figures and the first performance's audio (for plots)."""
+    FluidSynth audio and the baseline. Returns the figures and the first performance's audio (for plots).
+    With `watermark` the model's audio carries the mark of (key, `serial`) and is measured DELAY samples
+    later, where it lines up with the data (the marker delays what it marks)."""
     m = model.manifest
     if not perfs:
         raise ValueError("no performances to assess")
@@ -238,7 +242,11 @@ def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: 
     for index, perf in enumerate(perfs):
         frames = len(perf.f0) if seconds is None else min(len(perf.f0), round(seconds / m.frame_seconds))
         perf = Performance(perf.f0[:frames], perf.loudness[:frames], perf.audio[: frames * m.hop])
-        out = render(model, frames * m.frame_seconds, seed, {}, curves=curves_for(model, perf))
+        shift = 0 if watermark is None else DELAY
+        curves = curves_for(model, perf)
+        curves = np.concatenate([curves, curves[-1:]])  # one frame more (its controls held) covers the shift
+        out = render(model, len(curves) * m.frame_seconds, seed, {}, curves=curves, watermark=watermark,
+                     serial=serial)[shift : shift + frames * m.hop]
         audio = {"model": out, "baseline": baseline(perf.f0, perf.loudness, seed=seed), "reference": perf.audio}
         row: dict[str, Any] = {"performance": index, "seconds": frames * m.frame_seconds}
         row["spectral_distance"] = {k: spectral_distance(audio[k], perf.audio) for k in ("model", "baseline")}

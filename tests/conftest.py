@@ -39,6 +39,16 @@ def default_model(default_dir: Path) -> FrameModel:
     return FrameModel(default_dir, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def violin() -> FrameModel:
+    return FrameModel(SHIPPED / "violin", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cello() -> FrameModel:
+    return FrameModel(SHIPPED / "cello", device="cpu")
+
+
 @dataclass
 class Server:
     process: subprocess.Popen

@@ -34,11 +34,6 @@ def composer() -> ComposerModel:
     return ComposerModel(COMPOSER_DIR)
 
 
-@pytest.fixture(scope="module")
-def violin() -> FrameModel:
-    return FrameModel(SHIPPED / "violin", device="cpu")
-
-
 def key(notes: list[Note]) -> list[tuple]:
     return [(n.frame, n.frames, n.midi, n.quarters) for n in notes]
 

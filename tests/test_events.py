@@ -23,11 +23,6 @@ EVENTS = load_events()
 
 
 @pytest.fixture(scope="module")
-def violin() -> FrameModel:
-    return FrameModel(SHIPPED / "violin", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def folk() -> ComposerModel:
     return ComposerModel(SHIPPED / "folk")
 

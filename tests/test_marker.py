@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wavecast.models.store import SHIPPED
 from wavecast.streaming import watermark
 from wavecast.streaming.engine import LIMIT, Engine, render
 from wavecast.streaming.events import load_events
@@ -18,16 +17,6 @@ SR = 48_000
 HOP = 480
 KEY = Key(b"test-key-of-the-marker-stage")
 OTHER = Key(b"another-key-nobody-marked-with")
-
-
-@pytest.fixture(scope="module")
-def violin() -> FrameModel:
-    return FrameModel(SHIPPED / "violin", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def cello() -> FrameModel:
-    return FrameModel(SHIPPED / "cello", device="cpu")
 
 
 def band_levels(x: np.ndarray) -> np.ndarray:

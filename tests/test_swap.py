@@ -34,16 +34,6 @@ CONTROLS = {"f0": 337.5, "loudness": -20.0}  # a frequency whose phase the warm-
 BEFORE, AFTER = 40, 30  # frames played before the swap and after it
 
 
-@pytest.fixture(scope="module")
-def violin() -> FrameModel:
-    return FrameModel(SHIPPED / "violin", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def cello() -> FrameModel:
-    return FrameModel(SHIPPED / "cello", device="cpu")
-
-
 class NoFade(Fade):
     """A fade that plays the new version alone: what the new version makes, to compare against."""
 

@@ -41,11 +41,6 @@ OTHER = Key(bytes(range(100, 132)))
 TONE = {"f0": 440.0, "loudness": -20.0}
 
 
-@pytest.fixture(scope="module")
-def violin() -> FrameModel:
-    return FrameModel(SHIPPED / "violin", device="cpu")
-
-
 def opus_round_trip(audio: np.ndarray, path: Path) -> tuple[np.ndarray, int]:
     """`audio` encoded by libopus at 64 kb/s into `path` (Ogg or WebM by its suffix), then read back as the
     detector reads files."""
