@@ -16,7 +16,7 @@ import json
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,37 @@ class Voice:
             return self.count, self.notes[max(0, since - first) :]
 
     # -- inference thread ----------------------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        """Every field the next sample depends on, as JSON-able values (a stream snapshot's 'voice'; between
+        ticks). The notes played before are left out: they are history, only their count is kept."""
+        with self._lock:
+            actions, count = list(self._actions), self.count
+        note = self.note
+        return {"settings": dict(self.settings), "rng": self.rng.bit_generator.state,
+                "previous": [int(t) for t in self.previous], "position": self.position, "next_time": self.next_time,
+                "frame": self.frame, "note": None if note is None else asdict(note),
+                "start_frame": int(self.start_frame), "off_frame": int(self.off_frame), "level": float(self.level),
+                "glide_from": None if self.glide_from is None else float(self.glide_from),
+                "rearticulate": bool(self.rearticulate), "out": [float(v) for v in self.out], "paused": self.paused,
+                "actions": actions, "count": count}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take up where `export` left off (its fields checked by streaming/snapshot.py), before the voice's
+        first frame. glide_from was one of `out`'s float32 values and is again, so the glide's arithmetic is
+        the same to the bit."""
+        self.settings = dict(state["settings"])
+        self.rng = np.random.Generator(np.random.PCG64())
+        self.rng.bit_generator.state = state["rng"]
+        self.previous = np.array(state["previous"], np.int64)
+        self.position, self.next_time, self.frame = state["position"], state["next_time"], state["frame"]
+        self.note = None if state["note"] is None else Note(**state["note"])
+        self.start_frame, self.off_frame, self.level = state["start_frame"], state["off_frame"], state["level"]
+        self.glide_from = None if state["glide_from"] is None else np.float32(state["glide_from"])
+        self.rearticulate, self.paused = state["rearticulate"], state["paused"]
+        self.out = np.array(state["out"], np.float32)
+        with self._lock:
+            self._actions, self.count = list(state["actions"]), state["count"]
+
     def use(self, group: ComposerGroup, slot: int) -> None:
         """Compose with `group` (state slot `slot`, reset) from the next note on: its melody starts afresh,
         while the key, metre and bar position carry on."""

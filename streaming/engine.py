@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from wavecast.streaming.noise import shared_table, stream_key
 from wavecast.streaming.notes import Scale
 from wavecast.streaming.provenance import provenance
 from wavecast.streaming.ring import Reader, Rings
+from wavecast.streaming.snapshot import ModelRef, Snapshot, check
 from wavecast.streaming.watermark import DELAY, Key, Marker, payload_text
 
 log = logging.getLogger("wavecast.engine")
@@ -82,6 +84,11 @@ class TooManyStings(Exception):
 
 class ModelFailed(Exception):
     """The model's group is quarantined after a fault; the message says what failed."""
+
+
+class SnapshotRefused(Exception):
+    """The stream cannot be snapshotted at this moment (it is moving to another version, playing a sting,
+    failed or deleted); the message says why and when to try again."""
 
 
 class Throttled:
@@ -488,9 +495,10 @@ class Engine:
 
     def create_stream(self, group: Group, seed: int, controls: Mapping[str, Any],
                       composer: ComposerGroup | None = None, keep_notes: int | None = 2000,
-                      follows: bool = True, serial: int | None = None) -> Stream:
+                      follows: bool = True, serial: int | None = None, resume: Snapshot | None = None) -> Stream:
         """A stream of `group`'s instrument; with `composer`, `controls` are the composer's (validated); with
-        `serial` (16 bits) and the engine's watermark, every sample carries the mark of (key, serial).
+        `serial` (16 bits) and the engine's watermark, every sample carries the mark of (key, serial). With
+        `resume` (already `check`ed against `group` and `composer`: see `resume`) the stream goes on from it.
         Raises EngineSaturated when it would break real time, ModelFailed for a quarantined model."""
         if group.failure is not None:
             raise ModelFailed(group.failure)
@@ -535,6 +543,8 @@ class Engine:
         group.controls.reset(slot, controls)
         group.composed[slot] = voice is not None
         group.keys[slot] = stream_key(seed)
+        if resume is not None:
+            self._restore(group, slot, voice, resume)
         stream = Stream(group, slot, seed, voice, follows)
         if group.marker is not None and serial is not None:
             stream.mark = self.watermark.payload(serial)
@@ -543,11 +553,95 @@ class Engine:
 
         def attach() -> None:  # on the inference thread, which alone writes a pool's states
             group.pool.reset(slot)
+            if resume is not None:
+                group.pool.scatter(np.array([slot], np.intp), resume.states)
+                if voice is not None:
+                    voice.group.pool.scatter(np.array([voice.slot], np.intp), resume.composer_states)
             group.active[slot] = stream.id in self.streams and stream.failure is None
 
         self._pending.append((stream, attach))
         self.notify()
         return stream
+
+    def resume(self, group: Group, snapshot: Snapshot, composer: ComposerGroup | None = None,
+               serial: int | None = None, keep_notes: int | None = 2000) -> Stream:
+        """A new stream that goes on from `snapshot`: its next frame is the one the snapshotted stream would have
+        made next, sample for sample (the watermark aside: with `serial` it carries this engine's mark). Raises
+        snapshot.Mismatch when `group` or `composer` is not the snapshot's exact model, SnapshotError when its
+        tensors or controls do not fit them, and what `create_stream` raises."""
+        check(snapshot, group.manifest, composer.manifest if composer is not None else None)
+        return self.create_stream(group, snapshot.seed, {}, composer, keep_notes, snapshot.follows, serial,
+                                  resume=snapshot)
+
+    def _restore(self, group: Group, slot: int, voice: Voice | None, snapshot: Snapshot) -> None:
+        """Everything of `snapshot` but the state tensors (which `attach` writes on the inference thread) into
+        the new stream's `slot`, before the stream exists for anyone else."""
+        c = group.controls
+        c.targets[slot] = [snapshot.targets[n] for n in c.names]
+        c.current[slot] = [snapshot.current[n] for n in c.names]
+        group.keys[slot] = np.uint64(snapshot.noise_key)
+        group.rings.written[slot] = group.rings.calm_since[slot] = snapshot.frames  # the noise's and duck's clock
+        d = group.duck
+        d.depth[slot], d.until[slot], d.gain[slot] = snapshot.duck
+        d.busy = d.busy or d.depth[slot] < 0 or d.gain[slot] < 0
+        group.limit_gain[slot] = snapshot.limit_gain
+        group.limiting = group.limiting or snapshot.limit_gain < 1.0
+        if group.marker is not None and snapshot.delay is not None:
+            group.marker.delayed[slot] = snapshot.delay[0]
+        if voice is not None:
+            voice.restore(snapshot.voice)
+
+    def snapshot(self, stream: Stream) -> Future[Snapshot]:
+        """`stream` as a Snapshot, taken on the inference thread at the next tick boundary (the future's
+        result); it fails with SnapshotRefused while the stream moves to another version or plays a sting, or when
+        it has failed or ended."""
+        future: Future[Snapshot] = Future()
+
+        def take() -> None:  # on the inference thread, between ticks
+            if not future.set_running_or_notify_cancel():  # the caller gave up waiting
+                return
+            try:
+                future.set_result(self._snapshot(stream))
+            except Exception as e:  # a refusal is the caller's to report; the stream plays on
+                future.set_exception(e)
+
+        self._pending.append((None, take))
+        self.notify()
+        return future
+
+    def _snapshot(self, stream: Stream) -> Snapshot:
+        with stream.lock:
+            group, slot, voice = stream.group, stream.slot, stream.voice
+            if stream.id not in self.streams:
+                raise SnapshotRefused("the stream was deleted")
+            if stream.failure is not None:
+                raise SnapshotRefused(f"the stream has failed ({stream.failure}); there is nothing to resume")
+            if stream.moving is not None:
+                raise SnapshotRefused(f"the stream is crossfading to version {stream.moving.manifest.version} of its "
+                                      f"model; retry in a moment (a crossfade takes {1000 * CROSSFADE_SECONDS:.0f} ms)")
+            if any(layer.stream is stream for layer in group.layers):
+                raise SnapshotRefused("the stream is playing a sting; retry when it ends (a few seconds)")
+            if voice is not None and voice.group.failure is not None:
+                raise SnapshotRefused(f"the stream's composer has failed ({voice.group.failure})")
+
+            def states(pool: StatePool, at: int) -> dict[str, np.ndarray]:
+                return {s.name: pool.pool[s.name][StatePool._index(s.batch_axis, slice(at, at + 1))].copy()
+                        for s in pool.states}
+
+            c, d = group.controls, group.duck
+            return Snapshot(
+                model=ModelRef.of(group.manifest), seed=stream.seed, frames=stream.frames,
+                noise_key=int(group.keys[slot]),
+                targets=dict(zip(c.names, c.targets[slot].tolist(), strict=True)),
+                current=dict(zip(c.names, c.current[slot].tolist(), strict=True)),
+                states=states(group.pool, slot),
+                duck=(float(d.depth[slot]), int(d.until[slot]), float(d.gain[slot])),
+                limit_gain=float(group.limit_gain[slot]), name=stream.name, follows=stream.follows,
+                composer=ModelRef.of(voice.group.manifest) if voice is not None else None,
+                composer_states=states(voice.group.pool, voice.slot) if voice is not None else {},
+                voice=voice.export() if voice is not None else None,
+                delay=group.marker.delayed[slot : slot + 1].copy() if group.marker is not None else None,
+            )
 
     def delete_stream(self, stream_id: str) -> Stream | None:
         stream = self.streams.pop(stream_id, None)

@@ -239,7 +239,7 @@ def test_openapi_describes_every_route(server: Server) -> None:
     create = doc["paths"]["/v1/streams"]["post"]
     schema = create["requestBody"]["content"]["application/json"]["schema"]
     assert schema["additionalProperties"] is False and set(schema["properties"]) == {
-        "model", "composer", "seed", "controls", "name"}
+        "model", "composer", "seed", "controls", "name", "snapshot"}
     assert {"403", "415", "422", "429", "503"} <= set(create["responses"])
     assert "401" not in doc["paths"]["/v1/health"]["get"]["responses"]
 

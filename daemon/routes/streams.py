@@ -1,19 +1,23 @@
-"""Streams: create, list, inspect, steer (PATCH, and the same message over a data channel), notes, delete."""
+"""Streams: create (or resume from a snapshot), list, inspect, steer (PATCH, and the same message over a data
+channel), notes, snapshot, delete."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import secrets
 from typing import Any
 
 from aiohttp import web
 
-from wavecast.daemon.api import ApiError, query_value, route
+from wavecast.daemon.api import MAX_BODY_BYTES, ApiError, query_value, route
 from wavecast.daemon.service import Daemon
 from wavecast.streaming.composer import ACTIONS, ComposerGroup, validate_controls
 from wavecast.streaming.controls import ControlError, validate
-from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, Stream, describe
+from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, SnapshotRefused, Stream, describe
+from wavecast.streaming.snapshot import MEDIA_TYPE, Mismatch, Snapshot, SnapshotError, decode, encode
 
 log = logging.getLogger("wavecast.api")
 
@@ -50,6 +54,12 @@ CREATE = {
                  "description": "the same seed and controls give the same audio; random when omitted"},
         "controls": CONTROLS,
         "name": NAME,
+        "snapshot": {"type": "string", "minLength": 1, "maxLength": MAX_BODY_BYTES, "contentEncoding": "base64",
+                     "description": "resume a stream from another daemon (or this one): the bytes of GET "
+                                    "/v1/streams/{id}/snapshot in base64. The new stream (a new id) goes on from the "
+                                    "sample the snapshot was taken at, with the snapshot's model, composer, seed and "
+                                    "controls (so leave those fields out) and its name if no stream here has it; "
+                                    "this daemon needs that exact model version (and composer version)"},
     },
 }
 PATCH = {
@@ -117,6 +127,7 @@ STREAM = {
         "provenance": PROVENANCE,
     },
 }
+SNAPSHOT_SECONDS = 5.0  # the most GET /v1/streams/{id}/snapshot waits for the inference thread
 SINCE = {"type": "integer", "minimum": 0, "default": 0,
          "description": "skip the first N notes ever played, to poll for new ones"}
 
@@ -187,9 +198,12 @@ async def _switch_model(d: Daemon, stream: Stream, name: str) -> None:
     stream.follows = "@" not in name
 
 
-@route("POST", "/v1/streams", "Start a stream", body=CREATE, returns=STREAM, status=201, errors={
-    404: "unknown model or composer", 409: "another stream has that name",
-    422: "a control out of range, or a model of the wrong kind",
+@route("POST", "/v1/streams", "Start a stream, or resume one from a snapshot", body=CREATE, returns=STREAM,
+       status=201, errors={
+    400: "a snapshot that is not base64, corrupt, truncated or of an unknown format version",
+    404: "unknown model or composer (or the snapshot's version of it)",
+    409: "another stream has that name; a snapshot of another graph than this daemon's of that name and version",
+    422: "a control out of range, or a model of the wrong kind; a snapshot with model, composer, seed or controls",
     429: "too many streams, or stream creations too fast (Retry-After)",
     503: "the engine or the model cannot take another stream now (Retry-After)"})
 async def create_stream(request: web.Request, body: dict) -> web.Response:
@@ -200,6 +214,8 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
     if len(d.engine.streams) >= d.limits.max_streams:
         raise ApiError(429, "too_many_streams", f"this daemon runs at most {d.limits.max_streams} streams "
                        "(--max-streams); delete one first")
+    if "snapshot" in body:
+        return await _resume(d, body)
     name, composer_name = body.get("model", "default"), body.get("composer")
     seed = body["seed"] if "seed" in body else secrets.randbits(32)
     if composer_name is not None:  # a composer's controls are known without loading it
@@ -220,12 +236,70 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
                                             "restart brings it back)") from None
     stream.name = body.get("name")
     log.info("stream created id=%s model=%s composer=%s seed=%s", stream.id, name, composer_name, seed)
-    if serial is not None:  # the registry learns the stream's id, which it gets only now
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, d.marks.amend, serial, {"stream": stream.id})
-        except OSError as e:  # the stream plays and is marked; only its id is missing from the record
-            log.warning("watermark registry: cannot add stream id=%s to serial %d (%s)", stream.id, serial, e)
+    await _record_stream(d, serial, stream)
     return web.json_response(d.stream_info(stream), status=201)
+
+
+async def _resume(d: Daemon, body: dict) -> web.Response:
+    """POST /v1/streams with a snapshot: the same stream, going on here with a new id (and this daemon's mark)."""
+    given = sorted({"model", "composer", "seed", "controls"} & set(body))
+    if given:
+        raise ApiError(422, "invalid_request", f"a resumed stream plays the snapshot's model, composer, seed and "
+                       f"controls; leave out {', '.join(repr(g) for g in given)} (PATCH the stream afterwards)")
+    try:
+        snapshot = decode(base64.b64decode(body["snapshot"], validate=True))
+    except binascii.Error:
+        raise ApiError(400, "invalid_snapshot", "field 'snapshot' is not base64; send the bytes of GET "
+                                                "/v1/streams/{id}/snapshot in standard base64") from None
+    except SnapshotError as e:
+        raise ApiError(400, "invalid_snapshot", f"field 'snapshot': {e}") from None
+    group = await _snapshot_model(d, snapshot, "model")
+    composer = await _snapshot_model(d, snapshot, "composer") if snapshot.composer is not None else None
+    name = body.get("name", snapshot.name)
+    if name is not None and d.named(name) is not None:
+        if "name" in body:
+            _name_free(d, name)
+        name = None  # the snapshot's name is taken here: the stream goes on without one
+    serial = await _issue_serial(d, group, composer, snapshot.seed, name)
+    try:
+        stream = d.engine.resume(group, snapshot, composer, serial=serial)
+    except Mismatch as e:
+        raise ApiError(409, "snapshot_mismatch", str(e)) from None
+    except SnapshotError as e:
+        raise ApiError(400, "invalid_snapshot", f"field 'snapshot': {e}") from None
+    except EngineSaturated as e:
+        raise saturated(e) from None
+    except ModelFailed as e:
+        raise ApiError(503, "model_failed", f"{e}; see GET /v1/health") from None
+    stream.name = name
+    log.info("stream resumed id=%s model=%s v%d composer=%s seed=%s frame=%d", stream.id, snapshot.model.name,
+             snapshot.model.version, snapshot.composer.name if snapshot.composer else None, snapshot.seed,
+             snapshot.frames)
+    await _record_stream(d, serial, stream)
+    return web.json_response(d.stream_info(stream), status=201)
+
+
+async def _snapshot_model(d: Daemon, snapshot: Snapshot, kind: str) -> Group | ComposerGroup:
+    """The loaded group of the snapshot's exact model (or composer) version; 404 when this daemon lacks it."""
+    ref = snapshot.model if kind == "model" else snapshot.composer
+    try:
+        return await (d.group if kind == "model" else d.composer)(f"{ref.name}@{ref.version}")
+    except ApiError as e:
+        if e.status != 404:
+            raise
+        raise ApiError(404, e.code, f"the snapshot's {kind} is '{ref.name}' version {ref.version}, which this daemon "
+                       "does not have; install or publish that exact version here (the same model.onnx) and send "
+                       "the snapshot again") from None
+
+
+async def _record_stream(d: Daemon, serial: int | None, stream: Stream) -> None:
+    """The registry learns the new stream's id, which it gets only now."""
+    if serial is None:
+        return
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, d.marks.amend, serial, {"stream": stream.id})
+    except OSError as e:  # the stream plays and is marked; only its id is missing from the record
+        log.warning("watermark registry: cannot add stream id=%s to serial %d (%s)", stream.id, serial, e)
 
 
 async def _issue_serial(d: Daemon, group: Group, composer: ComposerGroup | None, seed: int,
@@ -302,3 +376,25 @@ async def stream_notes(request: web.Request) -> web.Response:
         raise ApiError(422, "not_composed", "this stream plays controls, not notes; create it with a 'composer'")
     count, notes = stream.voice.played(query_value(request, "since", SINCE))
     return web.json_response({"count": count, "notes": [n.to_dict() for n in notes]})
+
+
+@route("GET", "/v1/streams/{id}/snapshot", "The stream as bytes another daemon resumes it from (POST /v1/streams "
+       "with 'snapshot')", returns={"type": "string", "format": "binary"}, content_type=MEDIA_TYPE,
+       errors={404: "no stream has that id",
+               409: "the stream cannot be snapshotted now: it is crossfading to another version or playing a sting "
+                    "(retry in a moment), or it has failed",
+               503: "the engine did not take the snapshot in time (Retry-After)"})
+async def stream_snapshot(request: web.Request) -> web.Response:
+    d: Daemon = request.app["daemon"]
+    stream = d.stream(request)
+    try:  # taken on the inference thread between two ticks
+        snapshot = await asyncio.wait_for(asyncio.wrap_future(d.engine.snapshot(stream)), SNAPSHOT_SECONDS)
+    except SnapshotRefused as e:
+        if stream.id not in d.engine.streams:
+            raise ApiError(404, "unknown_stream", "the stream ended; GET /v1/streams lists them") from None
+        raise ApiError(409, "stream_busy", f"cannot snapshot the stream now: {e}") from None
+    except TimeoutError:
+        raise ApiError(503, "engine_busy", f"the engine took no snapshot within {SNAPSHOT_SECONDS:g} s; retry",
+                       {"Retry-After": "1"}) from None
+    return web.Response(body=encode(snapshot), content_type=MEDIA_TYPE,
+                        headers={"Content-Disposition": f'attachment; filename="stream-{stream.id}.wcsnap"'})
