@@ -12,7 +12,7 @@ from importlib.metadata import version as package_version
 from aiohttp import web
 
 from wavecast.daemon.api import MAX_BODY_BYTES, ROUTES, adapt, guard_middleware
-from wavecast.daemon.routes import detect, devices, events, health, jobs, models, pages, streams, webrtc  # noqa: F401  (they register routes)
+from wavecast.daemon.routes import detect, devices, events, health, jobs, models, pages, publish, streams, webrtc  # noqa: F401  (they register routes)
 from wavecast.daemon.service import Daemon
 
 

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import struct
 import sys
@@ -117,6 +118,16 @@ def read_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("WAVECAST_TOKEN") or None
 
 
+def janus_url(text: str) -> str:
+    """--janus: an http(s) URL, checked as POST /v1/streams/{id}/publish checks its 'janus'."""
+    from wavecast.daemon.routes.publish import PUBLISH
+
+    if not re.fullmatch(PUBLISH["properties"]["janus"]["pattern"], text):
+        raise argparse.ArgumentTypeError(f"'{text[:100]}' is not an http:// or https:// URL; give Janus's HTTP API, "
+                                         "e.g. http://127.0.0.1:8088/janus")
+    return text
+
+
 def drop_client_errors(record: logging.LogRecord) -> bool:
     """aiohttp logs a request it cannot parse (a request line over 8 KiB, a bad header) as an ERROR with a
     traceback; it is the client's fault, already answered with a 4xx, and would let any client fill the log."""
@@ -145,6 +156,10 @@ async def serve(args: argparse.Namespace, token: str | None, events: Events, wat
                     budget=args.tick_budget, encode_budget=args.encode_budget, events=events, watermark=watermark)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
+    if args.janus:
+        from wavecast.daemon.janus import publish_new_streams
+
+        publishing = asyncio.ensure_future(publish_new_streams(daemon, args.janus))
     runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
@@ -165,6 +180,8 @@ async def serve(args: argparse.Namespace, token: str | None, events: Events, wat
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
+    if args.janus:
+        publishing.cancel()
     await daemon.shutdown()  # listeners hear why before the server goes
     await runner.cleanup()
 
@@ -773,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames (10 ms each) a stream starts generating ahead of its hungriest listener; it grows by "
                         f"one, up to {MAX_BUFFER_FRAMES}, each time a listener underruns; at least 2, as a WebRTC "
                         "packet takes 20 ms at once (default: %(default)s)")
+    s.add_argument("--janus", type=janus_url, metavar="URL",
+                   help="publish every new stream into this Janus server's Streaming plugin (its HTTP API, e.g. "
+                        "http://127.0.0.1:8088/janus): Janus serves the listeners from one RTP stream (docs/janus.md)")
     s.add_argument("--watermark", choices=["on", "off"], default="on",
                    help="on: every sample a stream sends carries an inaudible mark of this daemon's key (made in the "
                         "data directory on first start) and the stream's serial, which 'wavecast detect' reads "

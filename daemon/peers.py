@@ -5,7 +5,8 @@ settings: 48 kHz stereo s16, 96 kb/s, 20 ms packets), paced by the wall clock fr
 it encodes when the first peer's RTP sender asks for one (until then its reader only buffers). Each
 peer gets a `PacketTrack` whose `recv()` returns the shared, already encoded `av.Packet`; aiortc's
 RTCRtpSender packs a Packet (`Encoder.pack`) instead of encoding it, so a listener costs RTP/SRTP sending
-only, not a resampler and an Opus encoder of its own.
+only, not a resampler and an Opus encoder of its own. A Janus publisher (daemon/janus.py) is one more sink: it
+sends the same packets on as RTP.
 
 RTP timestamps: a packet's pts counts samples since its encoder started (time_base 1/48000) and the sender
 adds its own random origin, so every peer sees timestamps advance by exactly 960 per packet; a peer that
@@ -30,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Protocol
 
 import aioice.ice
 import av
@@ -161,6 +163,18 @@ class Encoding:
         self._logged_at, self._unlogged = now, 0
 
 
+class Sink(Protocol):
+    """What a StreamEncoder hands its packets to: a peer's `PacketTrack`, or a `janus.Publisher` that sends them
+    on as RTP. An encoder runs while it has at least one."""
+
+    def push(self, packet: av.Packet) -> None:
+        """On the event loop: the stream's next packet (the same object for every sink; do not change it)."""
+
+    def end(self, reason: dict) -> None:
+        """The encoder closed ({"code", "message"}): no packets will follow."""
+
+
+
 def deliver(batch: list[tuple[StreamEncoder, av.Packet | Exception]]) -> None:
     """On the event loop: hand each encoder's new packet to its peers (or end them on a failure)."""
     for encoder, packet in batch:
@@ -170,15 +184,16 @@ def deliver(batch: list[tuple[StreamEncoder, av.Packet | Exception]]) -> None:
             encoder.close("encoder_failed", f"the stream's Opus encoder failed ({describe(packet)}); reconnect "
                                             "to get a new one")
             continue
-        for track in encoder.tracks:
-            track.push(packet)
+        for sink in encoder.sinks:
+            sink.push(packet)
 
 
 class StreamEncoder:
-    """One stream's Opus packets for all its WebRTC peers, while it has at least one (see the module doc).
+    """One stream's Opus packets for all its sinks (WebRTC peers, a Janus publisher), while it has at least one
+    (see the module doc).
 
-    Created on the event loop; `track()` subscribes a peer. It closes itself when its last track stops, and
-    `close()` ends every track (their peers see MediaStreamError and `PacketTrack.ended`)."""
+    Created on the event loop; `track()` subscribes a peer, `subscribe()` any other sink. It closes itself when
+    its last sink leaves, and `close()` ends every sink (peers see MediaStreamError and `PacketTrack.ended`)."""
 
     def __init__(self, stream: Stream, engine: Engine, encoding: Encoding) -> None:
         if stream.manifest.sample_rate != SAMPLE_RATE:
@@ -186,7 +201,7 @@ class StreamEncoder:
                              f"{stream.manifest.sample_rate} Hz")
         self.stream, self.engine, self.encoding = stream, engine, encoding
         self.loop = asyncio.get_running_loop()
-        self.tracks: list[PacketTrack] = []  # copy on write
+        self.sinks: list[Sink] = []  # copy on write
         self.packets = 0
         self.closed = False
         self.ended: dict | None = None  # {"code", "message"}: why it closed
@@ -203,11 +218,14 @@ class StreamEncoder:
         encoding.add(self)
 
     def track(self) -> PacketTrack:
+        track = PacketTrack(self)
+        self.subscribe(track)
+        return track
+
+    def subscribe(self, sink: Sink) -> None:
         if self.closed:
             raise RuntimeError("this encoder is closed")
-        track = PacketTrack(self)
-        self.tracks = [*self.tracks, track]
-        return track
+        self.sinks = [*self.sinks, sink]
 
     def start(self) -> None:
         """A peer began sending: encode from now on (until then the reader keeps its buffer, no underruns)."""
@@ -249,13 +267,13 @@ class StreamEncoder:
             self.encoding.packets += len(packets)
             return packets[-1] if packets else None
 
-    def _unsubscribe(self, track: PacketTrack) -> None:
-        self.tracks = [t for t in self.tracks if t is not track]
-        if not self.tracks:
-            self.close("no_listeners", "the last peer left")
+    def unsubscribe(self, sink: Sink) -> None:
+        self.sinks = [s for s in self.sinks if s is not sink]
+        if not self.sinks:
+            self.close("no_listeners", "the last listener left")
 
     def close(self, code: str = "closed", message: str = "the stream's WebRTC encoder closed") -> None:
-        """Stop encoding, release the reader and end every peer's track (on the event loop)."""
+        """Stop encoding, release the reader and end every sink (on the event loop)."""
         if self.closed:
             return
         with self._lock:
@@ -263,9 +281,9 @@ class StreamEncoder:
         self.ended = {"code": code, "message": message}
         self.encoding.remove(self)
         self.stream.unlisten(self.reader)
-        tracks, self.tracks = self.tracks, []
-        for track in tracks:
-            track.end(self.ended)
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.end(self.ended)
         for callback in self._on_close:
             callback(self)
 
@@ -320,6 +338,6 @@ class PacketTrack(MediaStreamTrack):
     def stop(self) -> None:
         if self.readyState == "live":
             super().stop()
-            self.encoder._unsubscribe(self)
+            self.encoder.unsubscribe(self)
         self._queue.clear()
         self._wake()

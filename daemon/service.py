@@ -34,6 +34,7 @@ from wavecast.streaming.model import FrameModel, ModelError
 from wavecast.streaming.watermark import Key
 
 if TYPE_CHECKING:
+    from wavecast.daemon.janus import Publisher
     from wavecast.daemon.routes.webrtc import Peer
 
 log = logging.getLogger("wavecast.daemon")
@@ -69,6 +70,7 @@ class Daemon:
         self.peers: dict[str, set[Peer]] = {}
         self.encoders: dict[str, StreamEncoder] = {}  # one per stream with WebRTC peers: packets fan out
         self.encoding = Encoding()  # the thread that runs them
+        self.publishers: dict[str, Publisher] = {}  # streams published into Janus (their encoder's sinks too)
         self.outputs: dict[str, DeviceOutput] = {}
         self.started = time.time()
         self.errors = 0
@@ -157,6 +159,9 @@ class Daemon:
 
     async def close_stream(self, stream: Stream, reason: dict | None = None) -> None:
         reason = reason or {"code": "stream_deleted", "message": "the stream was deleted"}
+        publisher = self.publishers.pop(stream.id, None)
+        if publisher:  # a mountpoint it made goes too
+            await publisher.stop(reason["message"])
         encoder = self.encoders.pop(stream.id, None)
         if encoder:  # its peers hear `reason` and hang up
             encoder.close(reason["code"], reason["message"])

@@ -160,7 +160,9 @@ def api(served: Server) -> schemathesis.BaseSchema:
     config = schemathesis.Config.from_dict({
         "generation": {"max-examples": EXAMPLES, "database": "none"},
         # how this API refuses invalid input: 413 too, for a body past 256 KiB (an SDP may take 64 KiB of text)
-        "checks": {"negative_data_rejection": {"expected-statuses": ["400", "404", "409", "413", "415", "422"]}},
+        "checks": {"negative_data_rejection": {"expected-statuses": ["400", "404", "409", "413", "415", "422"]},
+                   # POST .../publish names a Janus, which the fuzzer's URLs never reach: 502 janus_unreachable
+                   "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "502"]}},
     })
     schema = schemathesis.openapi.from_url(f"{served.url}/v1/openapi.json", config=config)
 
