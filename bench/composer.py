@@ -8,6 +8,12 @@ shapes recur (repetition) and how often they recur at another pitch or only as a
 It counts clicks in the piece and in the same piece paused, resumed and reset along the way.
 Then it shows what density, register and temperature do to the notes, and times one batched composer step
 for 1..256 voices. Prints a summary to stdout, progress to stderr.
+
+Form and responsiveness (`--form-only` runs just these; notes only, no audio: `compose_notes` plays the same
+notes as a render): composed minutes (4 instruments x 5 seeds, varied tempo, scale and metre) for `form`
+free and the default, with the bars repeated (exactly or moved by one scale step), recurring 4-note shapes
+and 4-bar phrases ending on the tonic; the note rate density 0 / 0.5 / 1 gives; and how much of its
+from-start effect a mid-piece change of density or register shows in the 2 bars after it (5 seeds).
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ from wavecast.daemon.cli import write_wav  # noqa: E402
 from wavecast.daemon.midi import write_midi  # noqa: E402
 from wavecast.models.quality import count_clicks  # noqa: E402
 from wavecast.models.store import ModelStore  # noqa: E402
-from wavecast.streaming.composer import ComposerGroup, ComposerModel, Note, Voice  # noqa: E402
+from wavecast.streaming.composer import CHOICES, ComposerGroup, ComposerModel, Note, Voice, compose_notes  # noqa: E402
 from wavecast.streaming.engine import compose  # noqa: E402
 from wavecast.streaming.model import FrameModel  # noqa: E402
-from wavecast.streaming.notes import Scale, note_name  # noqa: E402
+from wavecast.streaming.notes import Scale, density_rate, note_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +88,175 @@ def note_figures(notes: list[Note], scale: Scale) -> dict[str, Any]:
         "transposed_repeat_fraction": sum(c for s, c in counts.items() if len(starts[s]) > 1) / max(1, len(shapes)),
         "contour_repeat_fraction": sum(c for c in contours.values() if c > 1) / max(1, len(shapes)),
     }
+
+
+def _degree(midi: int, scale: Scale) -> int | None:
+    """A pitch as steps of its scale from the tonic (octaves counted), None outside the scale."""
+    steps = [(scale.tonic + s) % 12 for s in sorted((pc - scale.tonic) % 12 for pc in scale.pitch_classes)]
+    if midi % 12 not in steps:
+        return None
+    return (midi - scale.tonic) // 12 * 7 + steps.index(midi % 12)
+
+
+def _repeats(bar: list[tuple], other: list[tuple], scale: Scale) -> bool:
+    """Bars as (beat, quarters, MIDI or None): the same rhythm and rests, and the same pitches or every pitch
+    moved by the same one scale step."""
+    if [(b, q, m is None) for b, q, m in bar] != [(b, q, m is None) for b, q, m in other]:
+        return False
+    pairs = [(_degree(m, scale), _degree(o, scale)) for (_, _, m), (_, _, o) in zip(bar, other, strict=True)
+             if m is not None]
+    if all(m == o for (_, _, m), (_, _, o) in zip(bar, other, strict=True)):
+        return True
+    if not pairs or any(d is None or e is None for d, e in pairs):
+        return False
+    return len({d - e for d, e in pairs}) == 1 and abs(pairs[0][0] - pairs[0][1]) == 1
+
+
+def form_figures(notes: list[Note], scale: Scale) -> dict[str, Any]:
+    """Bars repeated: a bar whose notes (start in the bar, length, rest or pitch) are an earlier bar's,
+    exactly or moved by one scale step; 4-bar phrases (bars 1-4, 5-8, ..., not the one the piece stops in)
+    whose last pitched note is the tonic. Bars are those the notes carry (`Note.bar`)."""
+    bars: dict[int, list[tuple]] = {}
+    for n in notes:
+        bars.setdefault(n.bar, []).append((round(n.beat, 4), round(n.quarters, 4), n.midi))
+    order = sorted(bars)
+    repeated = sum(any(_repeats(bars[b], bars[a], scale) for a in order[:i]) for i, b in enumerate(order))
+    ends = []
+    for first in range(1, (order[-1] if order else 0) - 3, 4):
+        pitched = [m for b in range(first, first + 4) for _, _, m in bars.get(b, []) if m is not None]
+        if pitched:
+            ends.append(pitched[-1] % 12 == scale.tonic)
+    return {"bars": len(bars), "repeated_bar_fraction": repeated / max(1, len(bars)), "phrases_4bar": len(ends),
+            "tonic_ending_fraction": sum(ends) / max(1, len(ends))}
+
+
+INSTRUMENTS = ("violin", "cello", "clarinet", "default")
+PIECES = [{"tempo": 96, "scale": "D major", "metre": "4/4"}, {"tempo": 132, "scale": "A dorian", "metre": "6/8"},
+          {"tempo": 84, "scale": "G major", "metre": "3/4"}, {"tempo": 112, "scale": "E minor", "metre": "4/4"},
+          {"tempo": 120, "scale": "F mixolydian", "metre": "2/4"}]
+
+
+def composed_minutes(composer: ComposerModel, store: ModelStore, form: str, seeds: int) -> dict[str, Any]:
+    """Form figures over 60 s pieces: every instrument's range x `seeds` seeds, tempo/scale/metre varied by
+    seed; the fractions are over all bars, shapes and phrases together."""
+    totals: Counter = Counter()
+    for name in INSTRUMENTS:
+        f0 = store.resolve(name).manifest.control("f0")
+        for seed in range(seeds):
+            piece = PIECES[seed % len(PIECES)] | {"form": form}
+            notes = compose_notes(composer, 60.0, seed, piece, f0_range=(f0.min, f0.max))
+            scale = Scale.parse(piece["scale"])
+            f, shapes = form_figures(notes, scale), note_figures(notes, scale)
+            totals.update({"minutes": 1, "bars": f["bars"], "phrases": f["phrases_4bar"], "shapes": shapes["shapes"],
+                           "repeated_bars": f["repeated_bar_fraction"] * f["bars"],
+                           "tonic_endings": f["tonic_ending_fraction"] * f["phrases_4bar"],
+                           "recurring_shapes": shapes["repeated_shape_fraction"] * shapes["shapes"]})
+    out = {"form": form, "minutes": totals["minutes"], "bars": totals["bars"],
+           "repeated_bar_fraction": totals["repeated_bars"] / max(1, totals["bars"]),
+           "recurring_shape_fraction": totals["recurring_shapes"] / max(1, totals["shapes"]),
+           "tonic_ending_fraction": totals["tonic_endings"] / max(1, totals["phrases"])}
+    log(f"form {form}: {out['minutes']} minutes, bars repeated {out['repeated_bar_fraction']:.1%}, 4-note shapes "
+        f"recurring {out['recurring_shape_fraction']:.1%}, phrases ending on the tonic "
+        f"{out['tonic_ending_fraction']:.1%}")
+    return out
+
+
+def _window(notes: list[Note], start: int, end: int) -> tuple[float, float]:
+    """Notes a quarter (rests counted) and median MIDI of the notes starting in frames [start, end)."""
+    inside = [n for n in notes if start <= n.frame < end]
+    pitched = [n.midi for n in inside if n.midi is not None]
+    return (len(inside) / max(1e-9, sum(n.quarters for n in inside)),
+            float(np.median(pitched)) if pitched else float("nan"))
+
+
+MID_CHANGES = [("density", 0.0, 1.0), ("density", 1.0, 0.0), ("register", "low", "high"),
+               ("register", "high", "low")]
+
+
+def mid_piece_response(composer: ComposerModel, seeds: int, at: float = 20.5) -> list[dict]:
+    """A control changed at `at` s (tempo 120, 4/4: half a bar into bar 11) against the same value from the
+    start and the old value kept, over the 2 bars after the change: response = (changed - kept) /
+    (from start - kept), of notes a quarter (density) or median MIDI (register), averaged over `seeds`."""
+    rows = []
+    frames = int(round(at / 0.01)), int(round((at + 4.0) / 0.01))  # 2 bars at 120 = 4 s
+    for name, old, new in MID_CHANGES:
+        figure = 0 if name == "density" else 1
+        kept, start, changed = [], [], []
+        for seed in range(seeds):
+            base = {"tempo": 120.0, "scale": "D major", "form": CHOICES["form"]}
+            kept.append(_window(compose_notes(composer, at + 4.0, seed, base | {name: old}), *frames)[figure])
+            start.append(_window(compose_notes(composer, at + 4.0, seed, base | {name: new}), *frames)[figure])
+            changed.append(_window(compose_notes(composer, at + 4.0, seed, base | {name: old}, [(at, {name: new})]),
+                                   *frames)[figure])
+        k, s, c = float(np.nanmean(kept)), float(np.nanmean(start)), float(np.nanmean(changed))
+        rows.append({"control": name, "from": old, "to": new, "kept": k, "from_start": s, "changed": c,
+                     "response": (c - k) / (s - k) if s != k else float("nan")})
+        log(f"{name} {old} -> {new}: kept {k:.2f}, from start {s:.2f}, changed mid-piece {c:.2f} "
+            f"({rows[-1]['response']:.0%} of the from-start effect within 2 bars)")
+    return rows
+
+
+def density_rates(composer: ComposerModel, seeds: int) -> list[dict]:
+    """Notes a quarter (rests counted) over 60 s at tempo 120 against the rate each density asks for."""
+    rows = []
+    for density in (0.0, 0.5, 1.0):
+        rates = []
+        for seed in range(seeds):
+            notes = compose_notes(composer, 60.0, seed, {"tempo": 120.0, "density": density})
+            rates.append(len(notes) / sum(n.quarters for n in notes))
+        rows.append({"density": density, "asked": density_rate(density), "notes_per_quarter": float(np.mean(rates))})
+        log(f"density {density}: {rows[-1]['notes_per_quarter']:.2f} notes a quarter (asked "
+            f"{rows[-1]['asked']:.2f})")
+    return rows
+
+
+def corpus_figures(tunes: int) -> dict[str, Any]:
+    """The same figures on the first `tunes` tunes of each shippable corpus collection (the parsed corpus is
+    cached in `wavecast train`'s work directory), bars counted from the first full bar after a pickup."""
+    from wavecast.models import corpus
+    from wavecast.models.store import default_work
+
+    totals: Counter = Counter()
+    for tune in corpus.load(corpus.SHIPPABLE, tunes, default_work() / "data", log):
+        position = -((tune.bar - tune.start) % tune.bar)  # the pickup's notes fall in bar 0 and are left out
+        notes = []
+        for midi, quarters in tune.events:
+            bar = int((position + 1e-6) // tune.bar)
+            if bar >= 0:
+                notes.append(Note(0, 0, midi, quarters, bar + 1, position - bar * tune.bar + 1.0, tune.scale, 120.0))
+            position += quarters
+        scale = Scale.parse(tune.scale)
+        f, shapes = form_figures(notes, scale), note_figures(notes, scale)
+        totals.update({"tunes": 1, "bars": f["bars"], "phrases": f["phrases_4bar"], "shapes": shapes["shapes"],
+                       "repeated_bars": f["repeated_bar_fraction"] * f["bars"],
+                       "tonic_endings": f["tonic_ending_fraction"] * f["phrases_4bar"],
+                       "recurring_shapes": shapes["repeated_shape_fraction"] * shapes["shapes"]})
+    return {"form": "corpus", "tunes": totals["tunes"], "bars": totals["bars"],
+            "repeated_bar_fraction": totals["repeated_bars"] / max(1, totals["bars"]),
+            "recurring_shape_fraction": totals["recurring_shapes"] / max(1, totals["shapes"]),
+            "tonic_ending_fraction": totals["tonic_endings"] / max(1, totals["phrases"])}
+
+
+def form_and_response(composer: ComposerModel, store: ModelStore, seeds: int, corpus_tunes: int) -> dict[str, Any]:
+    """Form figures for `free` and the default form (and the corpus), the density rates and the mid-piece
+    response; prints them as a table."""
+    rows = [composed_minutes(composer, store, form, seeds) for form in ("free", CHOICES["form"])]
+    if corpus_tunes:
+        rows.append(corpus_figures(corpus_tunes))
+    out = {"form": rows, "density": density_rates(composer, seeds), "mid_piece": mid_piece_response(composer, 5)}
+    print(f"{'form':>8} | {'minutes':>9} | {'bars repeated':>13} | {'4-note shapes recurring':>23} | "
+          "4-bar phrases ending on the tonic")
+    for r in rows:
+        amount = f"{r['tunes']} tunes" if r["form"] == "corpus" else f"{r['minutes']}"
+        print(f"{r['form']:>8} | {amount:>9} | {r['repeated_bar_fraction']:>13.1%} | "
+              f"{r['recurring_shape_fraction']:>23.1%} | {r['tonic_ending_fraction']:.1%}")
+    for r in out["density"]:
+        print(f"density {r['density']:<3}: {r['notes_per_quarter']:.2f} notes a quarter (asked {r['asked']:.2f}, "
+              f"{r['notes_per_quarter'] / r['asked'] - 1:+.0%})")
+    for r in out["mid_piece"]:
+        print(f"{r['control']} {r['from']} -> {r['to']} mid-piece: {r['changed']:.2f} in the next 2 bars; kept "
+              f"{r['kept']:.2f}, from the start {r['from_start']:.2f}: {r['response']:.0%} of the effect")
+    return out
 
 
 RESPONSES = [("density", 0.0), ("density", 0.5), ("density", 1.0), ("register", "low"), ("register", "mid"),
@@ -161,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7, help="seed (default: %(default)s)")
     p.add_argument("--controls", default='{"tempo": 96, "scale": "D dorian", "temperature": 0.9, "top_k": 8}',
                    help="composer controls as JSON (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="10 s piece, fewer timing repeats (a smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="10 s piece, fewer timing repeats, 4 composed minutes and no corpus (a smoke test)")
+    p.add_argument("--form-only", action="store_true", help="only the form and control-response figures")
+    p.add_argument("--form-seeds", type=int, default=5,
+                   help="seeds per instrument for the form figures (default: %(default)s: 20 composed minutes)")
+    p.add_argument("--corpus-tunes", type=int, default=50,
+                   help="tunes per corpus collection to measure beside them, 0 for none (default: %(default)s)")
     p.add_argument("--store", type=Path, help="model store (default: shipped + $XDG_DATA_HOME/wavecast/models)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "composer.json", help="JSON results")
     p.add_argument("--png", type=Path, default=ROOT / "bench" / "img" / "composer.png", help="piano roll PNG")
@@ -171,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(args.store)
     model = FrameModel(store.resolve(args.model).directory, device="cpu")
     composer = ComposerModel(store.resolve(args.composer).directory)
+    form = form_and_response(composer, store, *((1, 0) if args.quick else (args.form_seeds, args.corpus_tunes)))
+    if args.form_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"composer": args.composer, "composer_version": composer.manifest.version,
+                                        **form}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     log(f"rendering {seconds:g} s: {args.model} composed by {args.composer}, seed {args.seed}, {controls}")
     t0 = time.perf_counter()
     audio, notes = compose(model, seconds, args.seed, controls, composer=composer)
@@ -191,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_notes": [n.to_dict() for n in notes[:24]],
         "composer_nll": composer.manifest.verification.get("quality"),
         "control_response": control_response(model, composer, 5.0 if args.quick else 20.0, 1 if args.quick else 3),
-        "step_cost": time_steps(composer, [1, 16, 64, 256], 5 if args.quick else 50),
+        "step_cost": time_steps(composer, [1, 16, 64, 256], 5 if args.quick else 50), **form,
     }
     try:
         args.png.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,11 @@ seeded generator for sampling (separate from the audio noise), the bar position 
 its performer turns notes into the instrument's per-frame f0 and loudness (attack and release envelopes,
 portamento between slurred notes, vibrato on long notes). The engine runs one batched composer call per
 tick for every voice whose next note starts at that frame, so composing costs one step per note.
+
+Sampling shapes what the model proposes: `form` replays earlier bars note for note (forced through the
+model, which still steps on them, so its state follows the melody) and makes phrase endings cadence by
+masking the pitch; log-priors on the durations and pitches make `density` and `register` act from the next
+note, where the model's conditioning alone takes bars to turn.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from wavecast.streaming.notes import (
     PITCH_LOW,
     PITCH_TOKENS,
     REGISTERS,
+    REST,
     START,
     Scale,
+    density_rate,
     features,
     note_name,
+    register_median,
     scale_mask,
     token_midi,
 )
@@ -49,6 +57,21 @@ VIBRATO_HZ, VIBRATO_CENTS, VIBRATO_AFTER_SECONDS = 5.5, 30.0, 0.25
 REARTICULATE_DB = 9.0  # dip between two slurred notes of the same pitch, so the second one is heard
 METRES = {"4/4": (4.0, False), "2/4": (2.0, False), "3/4": (3.0, True), "6/8": (3.0, True)}  # bar, triple
 ACTIONS = ("play", "pause", "reset")
+# Form: 8-bar periods (a question and an answer phrase of 4 bars) of four 2-bar motifs, one letter each; a motif
+# whose letter came before replays that motif's bars. "free" samples every bar afresh, without cadences. The
+# default "aabb" (each motif played twice) comes nearest the corpus's figures (bars repeated, recurring 4-note
+# shapes; see bench/composer.py); "abac" is its commonest layout bar by bar (bar 5 repeats bar 1 in 43 % of its
+# 8-bar periods, bar 6 bar 2 in 32 %) but repeats too little over a minute.
+FORMS = ("aabb", "abac", "abab", "aaba", "free")
+PERIOD_BARS, PHRASE_BARS = 8, 4
+MOVE_CHANCE = 0.25  # a replayed bar moves by one scale step (toward the register) this often
+# Sampling priors that make density and register act from the next note, added to the logits: a Gaussian over
+# log duration around the asked note length, steeper on the short side (the model leans to eighth notes, and a
+# few short notes pull the rate up most); over MIDI pitch, none within REGISTER_BAND of the register's median
+# and a Gaussian beyond, so a melody keeps an octave or so to move in.
+DENSITY_SIGMA = (0.18, 0.22)  # natural-log units of duration, shorter / longer than asked
+REGISTER_BAND, REGISTER_SIGMA = 4.0, 2.0  # semitones
+EPS = 1e-6  # quarter notes: positions are sums of exact durations, up to float rounding
 
 
 @dataclass(frozen=True)
@@ -69,7 +92,7 @@ NUMBERS = {
     "vibrato": NumberControl(0.0, 1.0, 0.3, "depth, 1 = 30 cents"),
     "volume": NumberControl(-60.0, 0.0, -20.0, "dB"),
 }
-CHOICES = {"scale": "D major", "register": "mid", "metre": "4/4"}
+CHOICES = {"scale": "D major", "register": "mid", "metre": "4/4", "form": "aabb"}
 
 
 def control_defaults() -> dict[str, Any]:
@@ -100,8 +123,8 @@ def validate_controls(values: object) -> dict[str, Any]:
                 checked[name] = str(Scale.parse(value))
             except ValueError as e:
                 raise ControlError(f"control 'scale': {e}") from None
-        elif name in ("register", "metre"):
-            allowed = REGISTERS if name == "register" else METRES
+        elif name in ("register", "metre", "form"):
+            allowed = {"register": REGISTERS, "metre": METRES, "form": FORMS}[name]
             if not isinstance(value, str) or value not in allowed:
                 raise ControlError(f"control '{name}' must be one of {', '.join(allowed)}")
             checked[name] = value
@@ -118,7 +141,47 @@ def describe_controls() -> list[dict]:
     out.append({"name": "scale", "default": CHOICES["scale"], "choices": f"<tonic> <mode>, mode one of {modes}"})
     out.append({"name": "register", "default": CHOICES["register"], "choices": list(REGISTERS)})
     out.append({"name": "metre", "default": CHOICES["metre"], "choices": list(METRES)})
+    out.append({"name": "form", "default": CHOICES["form"], "choices": list(FORMS)})
     return out
+
+
+@functools.lru_cache(maxsize=len(FORMS))
+def _sources(form: str) -> tuple[int | None, ...]:
+    """For each bar of an 8-bar period, the earlier bar it replays (None: sampled afresh)."""
+    if form == "free":
+        return (None,) * PERIOD_BARS
+    out: list[int | None] = []
+    for motif, letter in enumerate(form):
+        first = form.index(letter)
+        out += [None, None] if first == motif else [2 * first, 2 * first + 1]
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _cadence(scale: str, answer: bool) -> frozenset[int]:
+    """Pitch classes a phrase may end on: the tonic after an answer; after a question, a half cadence on the
+    mode's dominant triad (5th, 7th and 2nd degrees), so that only answers close on the tonic."""
+    sc = _scale(scale)
+    steps = MODES[sc.mode]
+    return frozenset({sc.tonic} if answer else {(sc.tonic + steps[i]) % 12 for i in (4, 6, 1)})
+
+
+@functools.lru_cache(maxsize=32)
+def _duration_prior(density: float) -> np.ndarray:
+    """Log-prior over DURATIONS toward 1 / (asked notes a quarter), the rate streaming.notes maps density to."""
+    x = np.log(DURATIONS) + math.log(density_rate(density))  # log of (duration / asked length)
+    prior = -0.5 * (x / np.where(x < 0, *DENSITY_SIGMA)) ** 2
+    prior.flags.writeable = False
+    return prior
+
+
+@functools.lru_cache(maxsize=8)
+def _pitch_prior(register: str) -> np.ndarray:
+    """Log-prior over pitch tokens toward the register's median (none on the rest)."""
+    away = np.abs(np.arange(PITCH_LOW, PITCH_HIGH + 1) - register_median(REGISTERS[register]))
+    prior = np.concatenate([[0.0], -0.5 * (np.maximum(0.0, away - REGISTER_BAND) / REGISTER_SIGMA) ** 2])
+    prior.flags.writeable = False
+    return prior
 
 
 @functools.lru_cache(maxsize=256)
@@ -133,6 +196,24 @@ def _mask(scale: str, low_hz: float, high_hz: float) -> np.ndarray:
         mask[token] &= low_hz <= 440.0 * 2.0 ** ((token_midi(token) - 69) / 12) <= high_hz
     mask.flags.writeable = False
     return mask
+
+
+@functools.lru_cache(maxsize=256)
+def _cadence_mask(scale: str, answer: bool, low_hz: float, high_hz: float) -> np.ndarray:
+    """The playable pitches a phrase may end on (no rest); the scale's mask if the range holds none."""
+    mask = _mask(scale, low_hz, high_hz).copy()
+    classes = _cadence(scale, answer)
+    mask[REST] = False
+    mask[1:] &= [(PITCH_LOW + k) % 12 in classes for k in range(PITCH_TOKENS - 1)]
+    if not mask.any():
+        return _mask(scale, low_hz, high_hz)
+    mask.flags.writeable = False
+    return mask
+
+
+def _copy_bar(bar: Mapping[str, Any]) -> dict[str, Any]:
+    return {"events": [[int(p), int(d)] for p, d in bar["events"]], "density": float(bar["density"]),
+            "register": str(bar["register"])}
 
 
 class ComposerModel:
@@ -254,6 +335,12 @@ class Voice:
         self.previous = np.array([START, START], np.int64)
         self.position = 0.0  # quarter notes since the piece began
         self.next_time: float | None = None  # seconds of the next note's start; None = the next frame made
+        # This period's bars as played, by bar of the period: {"events": [[pitch, duration token], ...], and the
+        # density and register they were played with}, or None where a bar did not start and end on its barlines.
+        self.bars: list[dict[str, Any] | None] = [None] * PERIOD_BARS
+        self.recording: dict[str, Any] | None = None  # the bar being played, the same way
+        self.recording_bar = -1  # its index in the piece, from 0
+        self.replay: list[list[int]] = []  # what is left of the bar being replayed
 
     # -- any thread ----------------------------------------------------------------------------------
     def set(self, values: Mapping[str, Any]) -> None:
@@ -291,7 +378,9 @@ class Voice:
                 "start_frame": int(self.start_frame), "off_frame": int(self.off_frame), "level": float(self.level),
                 "glide_from": None if self.glide_from is None else float(self.glide_from),
                 "rearticulate": bool(self.rearticulate), "out": [float(v) for v in self.out], "paused": self.paused,
-                "actions": actions, "count": count}
+                "actions": actions, "count": count, "bars": [None if b is None else _copy_bar(b) for b in self.bars],
+                "recording": None if self.recording is None else _copy_bar(self.recording),
+                "recording_bar": self.recording_bar, "replay": [list(e) for e in self.replay]}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take up where `export` left off (its fields checked by streaming/snapshot.py), before the voice's
@@ -307,6 +396,9 @@ class Voice:
         self.glide_from = None if state["glide_from"] is None else np.float32(state["glide_from"])
         self.rearticulate, self.paused = state["rearticulate"], state["paused"]
         self.out = np.array(state["out"], np.float32)
+        self.bars = [None if b is None else _copy_bar(b) for b in state["bars"]]
+        self.recording = None if state["recording"] is None else _copy_bar(state["recording"])
+        self.recording_bar, self.replay = state["recording_bar"], [list(e) for e in state["replay"]]
         with self._lock:
             self._actions, self.count = list(state["actions"]), state["count"]
 
@@ -349,9 +441,9 @@ class Voice:
         """Tokens the scale allows that the instrument can play (and rests)."""
         return _mask(self.settings["scale"], *self.f0_range)
 
-    def _sample(self, logits: np.ndarray, mask: np.ndarray | None) -> int:
+    def _sample(self, logits: np.ndarray, mask: np.ndarray | None, prior: np.ndarray) -> int:
         s = self.settings
-        z = logits.astype(np.float64) / s["temperature"]
+        z = (logits.astype(np.float64) + prior) / s["temperature"]  # temperature spreads the priors too
         if mask is not None:
             z = np.where(mask, z, -np.inf)
         k = min(int(s["top_k"]), int(np.isfinite(z).sum()))
@@ -361,13 +453,78 @@ class Voice:
         cdf = np.cumsum(p / p.sum())
         return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(z) - 1))
 
+    def _bar_begins(self, s: Mapping[str, Any], index: int, on_barline: bool, bar: float) -> None:
+        """A new bar (piece bar `index`, from 0): keep the one that ended if it filled its bar, and queue a
+        replay when the form says this bar repeats an earlier one. A bar entered by a note tied over the
+        barline is neither kept nor replayed. `s`: the settings this note is made with."""
+        same_period = index // PERIOD_BARS == self.recording_bar // PERIOD_BARS
+        if self.recording is not None and on_barline and index == self.recording_bar + 1 and same_period:
+            self.bars[self.recording_bar % PERIOD_BARS] = self.recording
+        if not same_period:
+            self.bars = [None] * PERIOD_BARS
+        self.recording_bar, self.replay = index, []
+        self.recording = {"events": [], "density": s["density"], "register": s["register"]} if on_barline else None
+        source = _sources(s["form"])[index % PERIOD_BARS]
+        if on_barline and source is not None:
+            self.replay = self._replayable(s, self.bars[source], bar)
+
+    def _replayable(self, s: Mapping[str, Any], kept: dict[str, Any] | None, bar: float) -> list[list[int]]:
+        """A kept bar's events to replay now, exactly or moved by one scale step; none if the bar was played
+        with another density or register, does not fill this metre's bar or leaves the scale or range."""
+        if kept is None or (kept["density"], kept["register"]) != (s["density"], s["register"]):
+            return []
+        events = kept["events"]
+        if abs(sum(DURATIONS[d] for _, d in events) - bar) > EPS:
+            return []
+        mask = self._mask()
+        if self.rng.random() < MOVE_CHANCE:
+            allowed = np.flatnonzero(mask[1:]) + 1  # the pitches playable here, one scale step apart
+            pitched = [p for p, _ in events if p != REST]
+            step = 1 if pitched and token_midi(int(np.median(pitched))) < register_median(
+                REGISTERS[s["register"]]) else -1
+            where = {int(t): i for i, t in enumerate(allowed)}
+            if all(p == REST or 0 <= where.get(p, -2) + step < len(allowed) for p, _ in events):
+                events = [[p if p == REST else int(allowed[where[p] + step]), d] for p, d in events]
+        if not all(mask[p] for p, _ in events):
+            return []
+        return [list(e) for e in events]
+
+    def _pitch_mask(self, s: Mapping[str, Any], index: int, end: float, bar: float) -> np.ndarray:
+        """The scale's mask, or at the end of a 4-bar phrase (with a form) the cadence's: the dominant triad
+        after the question, the tonic after the answer."""
+        if s["form"] == "free" or index % PHRASE_BARS != PHRASE_BARS - 1 or end < bar - EPS:
+            return self._mask()
+        answer = index % PERIOD_BARS == PERIOD_BARS - 1
+        return _cadence_mask(s["scale"], answer, *self.f0_range)
+
     def accept(self, pitch_logits: np.ndarray, duration_logits: np.ndarray) -> None:
-        """Sample the note the model proposes and start playing it at this frame."""
+        """Play the next note at this frame: the form's replay, if a bar is being replayed, else the note the
+        model proposes, sampled (duration first, so the note that ends a phrase is known and can cadence)."""
         s = self.settings
-        pitch = self._sample(pitch_logits, self._mask())
-        duration = self._sample(duration_logits, None)
-        quarters = DURATIONS[duration]
         bar, _ = METRES[s["metre"]]
+        index = math.floor(self.position / bar + EPS)
+        offset = max(0.0, self.position - index * bar)
+        if index != self.recording_bar:
+            self._bar_begins(s, index, offset < EPS, bar)
+        if self.replay:
+            pitch, duration = self.replay[0]
+            if not self._mask()[pitch] or offset + DURATIONS[duration] > bar + EPS or \
+                    (self.recording["density"], self.recording["register"]) != (s["density"], s["register"]):
+                self.replay = []  # the scale, range, metre, density or register changed under it
+        if self.replay:
+            pitch, duration = self.replay.pop(0)
+            cadence = self._pitch_mask(s, index, offset + DURATIONS[duration], bar)
+            if not cadence[pitch]:
+                pitch = self._sample(pitch_logits, cadence, _pitch_prior(s["register"]))
+        else:
+            fits = offset + np.array(DURATIONS) <= bar + EPS  # with a form, notes end on the barline
+            duration = self._sample(duration_logits, fits if s["form"] != "free" and fits.any() else None,
+                                    _duration_prior(s["density"]))
+            pitch = self._sample(pitch_logits, self._pitch_mask(s, index, offset + DURATIONS[duration], bar),
+                                 _pitch_prior(s["register"]))
+        if self.recording is not None:
+            self.recording["events"].append([pitch, duration])
+        quarters = DURATIONS[duration]
         previous = self.note
         beat = self.position % bar + 1.0
         self.next_time += quarters * 60.0 / s["tempo"]
@@ -413,3 +570,24 @@ class Voice:
             start = self.level - REARTICULATE_DB if self.rearticulate else FLOOR_DB
             self.out[1] = start + (self.level - start) * min(1.0, (since + fs) / ATTACK_SECONDS)
         return self.out
+
+
+def compose_notes(composer: ComposerModel, seconds: float, seed: int, controls: Mapping[str, Any],
+                  timeline: list[tuple[float, Mapping[str, Any]]] = (), f0_range: tuple[float, float] = (30.0, 2000.0),
+                  frame_seconds: float = 0.01) -> list[Note]:
+    """The notes a composed stream plays, without its audio: the engine's composer steps alone (the performer
+    never feeds back into the notes), `timeline` as `streaming.engine.compose` takes it. Fast enough to
+    measure composed minutes."""
+    group = ComposerGroup(composer, 1)
+    voice = Voice(group, seed, controls, f0_range, frame_seconds, keep_notes=None)
+    voice.slot = group.pool.allocate()
+    pending = sorted(timeline, key=lambda c: c[0])
+    for frame in range(int(round(seconds / frame_seconds))):
+        while pending and pending[0][0] <= frame * frame_seconds + 1e-9:
+            change = dict(pending.pop(0)[1])
+            if "action" in change:
+                voice.act(change.pop("action"))
+            voice.set(change)
+        if voice.begin_frame(frame):
+            group.step([voice])
+    return voice.notes

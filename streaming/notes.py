@@ -98,6 +98,16 @@ def density_value(notes_per_quarter: float) -> float:
     return min(max(math.log(max(notes_per_quarter, 1e-3) / _DENSITY_LOW) / span, 0.0), 1.0)
 
 
+def density_rate(density: float) -> float:
+    """The note rate (notes a quarter) a density feature asks for: `density_value`'s inverse."""
+    return _DENSITY_LOW * (_DENSITY_HIGH / _DENSITY_LOW) ** density
+
+
+def register_median(register: float) -> float:
+    """The median MIDI pitch a register feature asks for: `register_value`'s inverse."""
+    return _REGISTER_LOW + (_REGISTER_HIGH - _REGISTER_LOW) * register
+
+
 def register_value(median_midi: float) -> float:
     """A melody's median pitch as the register feature, 0..1."""
     return min(max((median_midi - _REGISTER_LOW) / (_REGISTER_HIGH - _REGISTER_LOW), 0.0), 1.0)

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from wavecast.streaming.composer import ACTIONS, ControlError, control_defaults, validate_controls
+from wavecast.streaming.composer import ACTIONS, PERIOD_BARS, ControlError, control_defaults, validate_controls
 from wavecast.streaming.model import Manifest
-from wavecast.streaming.notes import DURATIONS, PITCH_TOKENS, START
+from wavecast.streaming.notes import DURATIONS, PITCH_TOKENS, REGISTERS, START
 from wavecast.streaming.watermark import DELAY
 
 MAGIC = b"\x89WCSNAP\n"  # the high byte and the newline catch a file mangled as text
@@ -48,12 +48,15 @@ NOTE_FIELDS = {"frame": int, "frames": int, "midi": (int, type(None)), "quarters
 VOICE_FIELDS = {"settings": dict, "rng": dict, "previous": list, "position": NUMBER,
                 "next_time": (*NUMBER, type(None)), "frame": int, "note": (dict, type(None)), "start_frame": int,
                 "off_frame": int, "level": NUMBER, "glide_from": (*NUMBER, type(None)), "rearticulate": bool,
-                "out": list, "paused": bool, "actions": list, "count": int}
+                "out": list, "paused": bool, "actions": list, "count": int, "bars": list,
+                "recording": (dict, type(None)), "recording_bar": int, "replay": list}
 FRAMES = (0, 2**62)
 CONTROL_BOUND = 1e9  # as the API's: no control takes more, and float32 holds it
 # what a sound voice holds, generously: a value outside makes no music (and float32 infinities, not sound)
 VOICE_BOUNDS = {"position": (0.0, 1e9), "next_time": (0.0, 1e12), "frame": FRAMES, "start_frame": FRAMES,
-                "off_frame": FRAMES, "level": (-200.0, 20.0), "glide_from": (1e-3, 1e5), "count": FRAMES}
+                "off_frame": FRAMES, "level": (-200.0, 20.0), "glide_from": (1e-3, 1e5), "count": FRAMES,
+                "recording_bar": (-1, 2**62)}
+BAR_EVENTS = 64  # a bar's notes at most (a 4/4 bar holds 16 sixteenths)
 NOTE_BOUNDS = {"frame": FRAMES, "frames": FRAMES, "midi": (0, 127), "quarters": (1e-3, 64.0), "bar": (1, 2**62),
                "beat": (1.0, 64.0)}
 
@@ -309,6 +312,26 @@ def _tensors(table: list, data: memoryview) -> dict[str, np.ndarray]:
     return out
 
 
+def _events(events: Any, at: str) -> None:
+    if not isinstance(events, list) or len(events) > BAR_EVENTS or not all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(t, int) and not isinstance(t, bool) for t in e)
+            and 0 <= e[0] < PITCH_TOKENS and 0 <= e[1] < len(DURATIONS) for e in events):
+        raise SnapshotError(f"the snapshot's field '{at}' must be a list of at most {BAR_EVENTS} [pitch token, "
+                            "duration token]; take a new snapshot")
+
+
+def _bar(raw: Any, at: str) -> None:
+    """A bar the composer's voice remembers: its events and the density and register they were played with."""
+    if not isinstance(raw, dict) or sorted(raw) != ["density", "events", "register"]:
+        raise SnapshotError(f"the snapshot's field '{at}' must be an object of events, density and register")
+    _events(raw["events"], f"{at}.events")
+    density = raw["density"]
+    if isinstance(density, bool) or not isinstance(density, NUMBER) or not 0.0 <= density <= 1.0:
+        raise SnapshotError(f"the snapshot's field '{at}.density' must be a number from 0 to 1")
+    if not isinstance(raw["register"], str) or raw["register"] not in REGISTERS:
+        raise SnapshotError(f"the snapshot's field '{at}.register' must be one of {', '.join(REGISTERS)}")
+
+
 def _bounded(fields: dict[str, Any], bounds: dict[str, tuple[float, float]], at: str) -> None:
     for key, (low, high) in bounds.items():
         if fields[key] is not None and not low <= fields[key] <= high:
@@ -336,6 +359,17 @@ def _voice(raw: Any) -> dict[str, Any]:
             not (1e-3 <= out[0] <= 1e5 and -200.0 <= out[1] <= 20.0):
         raise SnapshotError("the snapshot's field 'voice.out' must be [f0, loudness]: Hz from 0.001 to 100000, dB "
                             "from -200 to 20")
+    if len(voice["bars"]) != PERIOD_BARS:
+        raise SnapshotError(f"the snapshot's field 'voice.bars' must hold {PERIOD_BARS} bars (each null or a bar)")
+    for i, bar in enumerate(voice["bars"]):
+        if bar is not None:
+            _bar(bar, f"voice.bars[{i}]")
+    if voice["recording"] is not None:
+        _bar(voice["recording"], "voice.recording")
+    _events(voice["replay"], "voice.replay")
+    if voice["replay"] and voice["recording"] is None:
+        raise SnapshotError("the snapshot's field 'voice.replay' holds notes but 'voice.recording' is null: a bar is "
+                            "replayed only from its barline; take a new snapshot")
     if not all(a in ACTIONS for a in voice["actions"]):
         raise SnapshotError(f"the snapshot's field 'voice.actions' may hold only {', '.join(ACTIONS)}")
     if voice["note"] is not None:

@@ -7,6 +7,7 @@ with an aiortc client on 127.0.0.1 and checks it plays the same notes as the ren
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 from collections import Counter
@@ -20,10 +21,19 @@ from wavecast.daemon.client import Listener
 from wavecast.models.quality import count_clicks
 from wavecast.models.store import SHIPPED
 from wavecast.streaming.analysis import estimate_f0
-from wavecast.streaming.composer import ComposerModel, Note
-from wavecast.streaming.engine import compose
+from wavecast.streaming.composer import (
+    ComposerModel,
+    ControlError,
+    Note,
+    compose_notes,
+    describe_controls,
+    validate_controls,
+)
+from wavecast.streaming.engine import Engine, Stream, compose
 from wavecast.streaming.model import FrameModel
 from wavecast.streaming.notes import Scale
+from wavecast.streaming.ring import Reader
+from wavecast.streaming.snapshot import SnapshotError, decode, encode
 
 SR, HOP = 48_000, 480
 COMPOSER_DIR = Path(os.environ.get("WAVECAST_TEST_COMPOSER", SHIPPED / "folk"))
@@ -96,7 +106,7 @@ def test_scale_constrains_notes_and_the_audio_agrees(violin: FrameModel, compose
 
 
 def test_temperature_changes_note_entropy(violin: FrameModel, composer: ComposerModel) -> None:
-    base = {"top_k": 62, "tempo": 240, "scale": "C major"}
+    base = {"top_k": 62, "tempo": 240, "scale": "C major", "form": "free"}  # every note sampled, none replayed
     _, cold = compose(violin, 20.0, 5, base | {"temperature": 0.2}, composer=composer)
     _, hot = compose(violin, 20.0, 5, base | {"temperature": 1.5}, composer=composer)
     cold_bits = entropy_bits([(n.midi, n.quarters) for n in cold])
@@ -191,6 +201,7 @@ def test_composer_api_errors(server: Server) -> None:
         ({"model": "violin", "composer": "folk", "controls": {"top_k": 2.5}}, 422, "invalid_control"),
         ({"model": "violin", "composer": "folk", "controls": {"tempo": float("inf")}}, 400, "malformed_json"),
         ({"model": "violin", "composer": "folk", "controls": {"f0": 440}}, 422, "invalid_control"),
+        ({"model": "violin", "composer": "folk", "controls": {"form": "rondo"}}, 422, "invalid_control"),
     ]
     for body, status, code in cases:
         got, reply = server.request("POST", "/v1/streams", body)
@@ -237,3 +248,140 @@ def test_the_midi_file_is_in_the_piece_s_time_with_its_tempo_metre_and_key(violi
     assert starts[: len(before_change)] == [round(p * TICKS_PER_QUARTER) for p in positions[: len(before_change)]]
     last = notes[-1]
     assert abs(song.length - (last.frame + last.frames) * violin.manifest.frame_seconds) < 0.1  # the pause kept
+
+
+# -- form and responsive controls: notes only (`compose_notes` plays what a render plays, checked first) --------
+def bar_notes(notes: list[Note]) -> dict[int, list[tuple]]:
+    bars: dict[int, list[tuple]] = {}
+    for n in notes:
+        bars.setdefault(n.bar, []).append((round(n.beat, 4), round(n.quarters, 4), n.midi))
+    return bars
+
+
+def repeated_bars(notes: list[Note], scale: Scale) -> float:
+    """The share of bars whose rhythm and rests are an earlier bar's and whose pitches are the same or all one
+    scale step away."""
+    degrees = {m: i for i, m in enumerate(m for m in range(128) if m % 12 in scale.pitch_classes)}
+    bars = list(bar_notes(notes).values())
+
+    def steps(bar: list[tuple], other: list[tuple]) -> set[int | None]:
+        return {None if m is None else degrees.get(m, 999) - degrees.get(o, -999) for (_, _, m), (_, _, o)
+                in zip(bar, other, strict=True)}
+
+    def repeats(bar: list[tuple], other: list[tuple]) -> bool:
+        if [(b, q, m is None) for b, q, m in bar] != [(b, q, m is None) for b, q, m in other]:
+            return False
+        moved = steps(bar, other) - {None}
+        return not moved or moved in ({0}, {1}, {-1})
+
+    return sum(any(repeats(b, a) for a in bars[:i]) for i, b in enumerate(bars)) / len(bars)
+
+
+def phrase_endings(notes: list[Note]) -> list[int]:
+    """The last pitched note of each complete 4-bar phrase (bars 1-4, 5-8, ...)."""
+    bars = bar_notes(notes)
+    ends = []
+    for first in range(1, max(bars) - 3, 4):
+        pitched = [m for b in range(first, first + 4) for _, _, m in bars.get(b, []) if m is not None]
+        ends.append(pitched[-1])
+    return ends
+
+
+def test_the_notes_only_loop_plays_what_a_render_plays(violin: FrameModel, composer: ComposerModel) -> None:
+    controls, timeline = {"tempo": 150, "scale": "G major"}, [(3.0, {"density": 0.9, "register": "high"})]
+    _, rendered = compose(violin, 6.0, 5, controls, timeline, composer=composer)
+    f0 = violin.manifest.control("f0")
+    alone = compose_notes(composer, 6.0, 5, controls, timeline, (f0.min, f0.max), violin.manifest.frame_seconds)
+    assert len(rendered) >= 10 and key(alone) == key(rendered)
+
+
+def test_the_default_form_repeats_bars_and_cadences(violin: FrameModel, composer: ComposerModel) -> None:
+    f0 = violin.manifest.control("f0")
+    scale = Scale.parse("D dorian")
+    for seed in (1, 2):
+        controls = {"tempo": 120, "scale": "D dorian"}
+        formed = compose_notes(composer, 60.0, seed, controls, f0_range=(f0.min, f0.max))
+        free = compose_notes(composer, 60.0, seed, controls | {"form": "free"}, f0_range=(f0.min, f0.max))
+        assert repeated_bars(formed, scale) >= 0.2 > repeated_bars(free, scale), seed
+        ends = phrase_endings(formed)
+        assert len(ends) == 7
+        assert sum(m % 12 == scale.tonic for m in ends) >= 0.25 * len(ends)
+        assert all(m % 12 == scale.tonic for m in ends[1::2])  # every answer phrase ends on the tonic
+        assert repeated_bars([n for n in formed if n.bar in (1, 3)], scale) == 0.5  # bars 3-4 replay bars 1-2
+
+
+def test_every_form_repeats_its_motifs(composer: ComposerModel) -> None:
+    """Bars 5-8 of an 'abab' period replay bars 1-4 (the last note may change to cadence); 'aaba' bars 3-4
+    and 7-8 replay bars 1-2; 'abac' bars 5-6 replay bars 1-2. Moved by a step or not, the rhythm is the same."""
+    for form, pairs in (("abab", ((5, 1), (6, 2), (7, 3))), ("aaba", ((3, 1), (4, 2), (7, 1))),
+                        ("abac", ((5, 1), (6, 2)))):
+        bars = bar_notes(compose_notes(composer, 20.0, 4, {"tempo": 120, "form": form}))
+        for later, earlier in pairs:
+            assert [(b, q) for b, q, _ in bars[later]] == [(b, q) for b, q, _ in bars[earlier]], (form, later)
+
+
+def test_density_and_register_act_within_two_bars(composer: ComposerModel) -> None:
+    """A change at 20.5 s (tempo 120: half a bar into bar 11) shows in the notes of the next 2 bars."""
+    def window(controls: dict, change: dict) -> tuple[float, float]:
+        notes = compose_notes(composer, 24.5, 3, {"tempo": 120} | controls, [(20.5, change)])
+        inside = [n for n in notes if n.frame >= 2050]
+        return (len(inside) / sum(n.quarters for n in inside),
+                float(np.median([n.midi for n in inside if n.midi is not None])))
+
+    sparse, busy = window({"density": 1.0}, {"density": 0.0})[0], window({"density": 0.0}, {"density": 1.0})[0]
+    assert busy > 3 * sparse, (sparse, busy)
+    low, high = window({"register": "high"}, {"register": "low"})[1], window({"register": "low"},
+                                                                             {"register": "high"})[1]
+    assert high > low + 12, (low, high)
+
+
+def test_density_plays_the_note_rate_asked(composer: ComposerModel) -> None:
+    for density, asked in ((0.0, 0.5), (0.5, 2**0.5), (1.0, 4.0)):
+        notes = compose_notes(composer, 60.0, 6, {"tempo": 120, "density": density})
+        rate = len(notes) / sum(n.quarters for n in notes)
+        assert abs(rate / asked - 1) < 0.3, (density, rate)
+
+
+def test_a_stream_snapshot_taken_mid_replay_resumes_on_the_same_notes(violin: FrameModel,
+                                                                      composer: ComposerModel) -> None:
+    """Through the engine and the snapshot's bytes: the bar memory and the replay under way travel with it, and
+    a snapshot whose memory is not a bar is refused in words."""
+    def started(seed: int) -> tuple[Engine, Stream]:
+        e = Engine(buffer_frames=1, max_streams=2, budget=None, watermark=None)
+        stream = e.create_stream(e.add_model(violin), seed, {"tempo": 150, "form": "abab"}, e.add_composer(composer))
+        return e, stream
+
+    def play(e: Engine, reader: Reader, frames: int) -> None:
+        out = np.zeros(HOP, np.float32)
+        for _ in range(frames):
+            e.tick()
+            reader.read(out)
+
+    ref_engine, ref = started(9)
+    play(ref_engine, ref.listen(), 2000)
+    a, stream = started(9)
+    reader = stream.listen()
+    while not (stream.voice.replay and len(stream.voice.notes) > 12):
+        play(a, reader, 1)
+    future = a.snapshot(stream)
+    a.tick()
+    snap = future.result(timeout=0)
+    assert snap.voice["replay"] and any(snap.voice["bars"])
+    b = Engine(buffer_frames=1, max_streams=2, budget=None, watermark=None)
+    group, composers = b.add_model(violin), b.add_composer(composer)
+    resumed = b.resume(group, decode(encode(snap)), composers)
+    play(b, resumed.listen(), 2000 - snap.frames)
+    assert len(resumed.voice.notes) > 20
+    assert key(resumed.voice.notes) == key([n for n in ref.voice.notes if n.frame >= snap.frames])
+    bad = dataclasses.replace(snap, voice={**snap.voice, "bars": [{"events": [[3, 99]]}] * 8})
+    with pytest.raises(SnapshotError, match="'voice.bars\\[0\\]' must be an object of events, density and register"):
+        decode(encode(bad))
+
+
+def test_the_form_control_is_checked() -> None:
+    assert validate_controls({"form": "aabb"}) == {"form": "aabb"}
+    for bad in ("rondo", 3, None):
+        with pytest.raises(ControlError, match="'form' must be one of aabb, abac, abab, aaba, free"):
+            validate_controls({"form": bad})
+    assert next(c for c in describe_controls() if c["name"] == "form") == {
+        "name": "form", "default": "aabb", "choices": ["aabb", "abac", "abab", "aaba", "free"]}
