@@ -12,7 +12,19 @@ from importlib.metadata import version as package_version
 from aiohttp import web
 
 from wavecast.daemon.api import MAX_BODY_BYTES, ROUTES, adapt, guard_middleware
-from wavecast.daemon.routes import detect, devices, events, health, jobs, models, pages, publish, streams, webrtc  # noqa: F401  (they register routes)
+from wavecast.daemon.routes import (  # noqa: F401  (they register routes)
+    detect,
+    devices,
+    events,
+    health,
+    jobs,
+    migrate,
+    models,
+    pages,
+    publish,
+    streams,
+    webrtc,
+)
 from wavecast.daemon.service import Daemon
 
 

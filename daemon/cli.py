@@ -577,6 +577,31 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- drain: move every stream to another daemon -------------------------------------------------------------
+DRAIN_TIMEOUT_S = 600.0  # POST /v1/drain answers when every stream has moved (a few at a time, ~1 s each)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    body = {"to": args.to}
+    if args.to_token_file is not None:
+        body["token"] = read_token(argparse.Namespace(token_file=args.to_token_file))
+    try:
+        result = call(args.daemon, "POST", "/v1/drain", body, timeout=DRAIN_TIMEOUT_S)
+    except DaemonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in result["streams"]:
+        if r["moved"]:
+            late = (r.get("janus") or {}).get("late_ms")
+            handover = f", Janus handover {late:+.1f} ms" if late is not None else ""
+            print(f"moved {r['stream']} -> {r['url']}{handover}")
+        else:
+            print(f"NOT moved {r['stream']}: {r['error']['message']}")
+    print(f"{result['moved']} moved, {result['failed']} not; {args.daemon} refuses new streams now"
+          + ("; stop it" if not result["failed"] else "; run this again to retry, or stop it anyway"), file=sys.stderr)
+    return 1 if result["failed"] else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     return run_torch_command("reexport", args)
 
@@ -901,6 +926,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "(it goes on from its checkpoint, if it has one)")
     for action in (jf, jc, jr):
         action.add_argument("id", help="the job's id (wavecast jobs lists them)")
+
+    dr = sub.add_parser("drain", help="move every stream of a daemon to another daemon, before stopping it",
+                        description="Move every stream of the daemon at --daemon to the daemon at --to (POST "
+                                    "/v1/drain): each goes on there from where it was (a snapshot); a stream published "
+                                    "into Janus keeps its mountpoint and its listeners stay connected; WebRTC "
+                                    "listeners of the old daemon are told the stream's new URL. From now on the old "
+                                    "daemon refuses new streams (503 draining, naming --to); stop it once this "
+                                    "reports every stream moved. The daemons' clocks must agree (one host, or NTP). "
+                                    "One line a stream; exit status 0 when all moved, 1 when one did not (run it "
+                                    "again), 2 when the daemon did not answer. WAVECAST_TOKEN is --daemon's token.")
+    dr.add_argument("--to", required=True, metavar="URL", help="the daemon the streams move to, e.g. "
+                                                               "http://10.0.0.2:8765")
+    dr.add_argument("--daemon", metavar="URL", default=DEFAULT_DAEMON,
+                    help="the daemon to drain (default: %(default)s)")
+    dr.add_argument("--to-token-file", type=Path, metavar="FILE",
+                    help="file whose first line is --to's bearer token, when it needs one")
+    dr.set_defaults(func=cmd_drain)
 
     x = sub.add_parser("export", help="re-export a trained instrument's graph with today's synthesis (no retraining)",
                        description="Read the trained weights back out of each instrument's model.onnx, check them "

@@ -10,6 +10,13 @@ alive with a keepalive every KEEPALIVE_S and a long poll). When Janus goes away 
 or a request fails, and the publisher retries with exponential backoff (up to BACKOFF_MAX_S) to make a new session
 and the mountpoint again, with the same id; the stream is never touched, and RTP keeps going meanwhile (UDP to a
 port nobody listens on is simply lost).
+
+RTP numbers follow the packets' pts: sequence = origin + pts / 960, timestamp = origin + pts, so the numbers of any
+packet to come are known in advance. That is what a handover (a stream moving to another daemon, daemon/migrate.py)
+needs: the old publisher stops before the packet of an agreed pts (`cut`), and the new daemon's publisher, given
+that packet's SSRC, sequence number and timestamp (`Handover`), sends it and the ones after, so Janus and its
+listeners see one RTP stream go on. From its first packet on, the new publisher owns the mountpoint (destroys it
+when it stops).
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import logging
 import secrets
 import socket
 import struct
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import av
 from yarl import URL
 
-from wavecast.daemon.peers import StreamEncoder
+from wavecast.daemon.peers import PACKET_SAMPLES, StreamEncoder
 from wavecast.streaming.engine import Stream, describe
 
 if TYPE_CHECKING:
@@ -124,7 +133,7 @@ class Janus:
             async with self.http.post(url, json=body,
                                       timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as resp:
                 answer = await self._read(resp)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:  # ValueError: a host name IDNA cannot encode
             what = describe(e) if str(e) else f"no answer within {REQUEST_TIMEOUT_S:g} s"
             raise JanusUnreachable(f"cannot reach Janus at {self.url} ({what})") from None
         if not isinstance(answer, dict):
@@ -153,33 +162,68 @@ def rtp_audio(info: dict[str, Any]) -> tuple[int, int] | None:
     return (port, int(media[0].get("pt", OPUS_PT))) if isinstance(port, int) and port > 0 else None
 
 
+@dataclass(frozen=True)
+class Handover:
+    """Another daemon's RTP stream to go on with: its next packet is the one that reads the stream from sample
+    `sample` on, due at `at` (wall clock, time.time()), with these RTP numbers."""
+
+    sample: int
+    at: float
+    ssrc: int
+    seq: int
+    timestamp: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sample": self.sample, "at": self.at, "ssrc": self.ssrc, "seq": self.seq, "timestamp": self.timestamp}
+
+
 class Publisher:
     """One stream published to one Janus mountpoint (see the module doc). `connect()` makes the session and
-    the mountpoint, `attach(encoder)` starts sending and keeps both up, `stop()` ends it."""
+    the mountpoint, `attach(encoder)` starts sending and keeps both up, `stop()` ends it. With a `handover` it
+    goes on with another daemon's RTP stream to that mountpoint, and owns it."""
 
-    def __init__(self, stream: Stream, url: str, mountpoint: int | None = None) -> None:
+    def __init__(self, stream: Stream, url: str, mountpoint: int | None = None,
+                 handover: Handover | None = None) -> None:
         self.stream, self.url = stream, url.rstrip("/")
         self.mountpoint = mountpoint  # the one asked for, or Janus's choice once made
-        self.created = False  # we made the mountpoint (so stop() destroys it)
+        self.handover = handover
+        self.late_ms: float | None = None  # a handover's first packet: how late it was sent
+        self.created = False  # we made the mountpoint, or took it over by sending (so stop() destroys it)
         self.state = "connecting"  # then publishing, retrying (Janus went away), stopped
         self.error: str | None = None  # why it is retrying or stopped
         self.packets = 0
         self.retries = 0
         self._pt = OPUS_PT
-        self._seq = secrets.randbits(16)
-        self._ssrc = secrets.randbits(32)
-        self._marker = MARKER  # on the first packet only
+        self._seq0, self._ts0 = (handover.seq, handover.timestamp) if handover else (secrets.randbits(16),
+                                                                                     secrets.randbits(32))
+        self._ssrc = handover.ssrc if handover else secrets.randbits(32)
+        self._marker = 0 if handover else MARKER  # on the first packet of an RTP stream only
+        self._cut: int | None = None  # a packet of this pts and later ones are not sent (a handover to elsewhere)
+        self.handed_off: asyncio.Future | None = None  # done when the packet at the cut came (not sent)
         self._target: tuple | None = None  # the mountpoint's (address, port)
         self._transport: asyncio.DatagramTransport | None = None
         self._http = aiohttp.ClientSession()
         self._janus: Janus | None = None
         self._encoder: StreamEncoder | None = None
         self._task: asyncio.Task | None = None
+        self._seeking: asyncio.Task | None = None
 
     def info(self) -> dict[str, Any]:
+        handover = None if self.handover is None else {**self.handover.to_json(), "late_ms": self.late_ms}
         return {"stream": self.stream.id, "janus": self.url, "mountpoint": self.mountpoint, "created": self.created,
                 "state": self.state, "error": self.error, "packets": self.packets, "retries": self.retries,
-                "rtp": {"host": self._target[0], "port": self._target[1]} if self._target else None}
+                "rtp": {"host": self._target[0], "port": self._target[1]} if self._target else None,
+                "handover": handover}
+
+    def rtp(self, pts: int) -> tuple[int, int, int]:
+        """(SSRC, sequence number, timestamp) of the packet of `pts`, sent or to come."""
+        return self._ssrc, (self._seq0 + pts // PACKET_SAMPLES) & 0xFFFF, (self._ts0 + pts) & 0xFFFFFFFF
+
+    def cut(self, pts: int | None) -> asyncio.Future | None:
+        """Send no packet of `pts` or later (None: send them again); the future is done when that packet comes."""
+        self._cut = pts
+        self.handed_off = None if pts is None else asyncio.get_running_loop().create_future()
+        return self.handed_off
 
     async def connect(self) -> None:
         """Make the session and the mountpoint (or find the one asked for); raises JanusError or
@@ -222,8 +266,7 @@ class Publisher:
                     raise MountpointUnusable(f"mountpoint {self.mountpoint} exists on Janus but is not an RTP "
                                              "mountpoint of one Opus audio stream whose port Janus shows (it has "
                                              "other media, or a secret)")
-                self.created = False
-                port, self._pt = found
+                port, self._pt = found  # `created` stays: False, or True if we made it before (a reconnection)
                 return port
         provenance = self.stream.info()["provenance"]
         body = {"request": "create", "type": "rtp", "description": f"wavecast {self.stream.id}: "
@@ -237,11 +280,22 @@ class Publisher:
 
     def attach(self, encoder: StreamEncoder) -> None:
         """Subscribe to the stream's encoder and start it (no peer will ask for packets), and keep the mountpoint
-        up from now on: when not connected yet (--janus), the first connection is the first retry."""
+        up from now on: when not connected yet (--janus), the first connection is the first retry. With a
+        handover the encoder first reads up to the handover's sample (fast), then sends from the packet due then."""
         self._encoder = encoder
         encoder.subscribe(self)
-        encoder.start()
+        if self.handover is None:
+            encoder.start()
+        else:
+            self._seeking = asyncio.ensure_future(self._take_over(encoder, self.handover))
         self._task = asyncio.ensure_future(self._run())
+
+    async def _take_over(self, encoder: StreamEncoder, handover: Handover) -> None:
+        try:
+            await encoder.seek(handover.sample - PACKET_SAMPLES)  # one packet early: it primes the encoder
+            encoder.start_at(handover.at - time.time() + time.monotonic())
+        except (ValueError, RuntimeError) as e:  # the stream passed the sample, or a peer started the encoder
+            asyncio.ensure_future(self.stop(f"cannot take the RTP stream over: {e}"))
 
     async def _run(self) -> None:
         backoff = BACKOFF_START_S
@@ -284,14 +338,20 @@ class Publisher:
                 task.cancel()
 
     def push(self, packet: av.Packet) -> None:
-        """Send one Opus packet as RTP: timestamp = its pts (48 kHz), sequence +1 a packet, one SSRC."""
+        """Send one Opus packet as RTP, numbered from its pts (`rtp`), unless it is at or past the cut."""
+        if self._cut is not None and packet.pts >= self._cut:
+            if not self.handed_off.done():
+                self.handed_off.set_result(None)
+            return
+        if self.handover is not None and self.late_ms is None:  # our first packet: the mountpoint is ours now
+            self.late_ms = round(1000 * (time.time() - self.handover.at), 1)
+            self.created = True
         if self._transport is None or self._target is None:
             return
-        header = struct.pack("!BBHII", RTP_VERSION, self._marker | self._pt, self._seq, packet.pts & 0xFFFFFFFF,
-                             self._ssrc)
+        ssrc, seq, timestamp = self.rtp(packet.pts)
+        header = struct.pack("!BBHII", RTP_VERSION, self._marker | self._pt, seq, timestamp, ssrc)
         self._transport.sendto(header + bytes(packet), self._target)
         self._marker = 0
-        self._seq = (self._seq + 1) & 0xFFFF
         self.packets += 1
 
     def end(self, reason: dict) -> None:
@@ -302,9 +362,10 @@ class Publisher:
     async def stop(self, why: str | None = None) -> bool:
         """Stop sending, leave the encoder, end the session; destroy the mountpoint if we made it. True if it
         was destroyed."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._seeking, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._encoder is not None:
             encoder, self._encoder = self._encoder, None
             encoder.unsubscribe(self)  # the encoder closes if this was its last sink

@@ -6,7 +6,8 @@ it encodes when the first peer's RTP sender asks for one (until then its reader 
 peer gets a `PacketTrack` whose `recv()` returns the shared, already encoded `av.Packet`; aiortc's
 RTCRtpSender packs a Packet (`Encoder.pack`) instead of encoding it, so a listener costs RTP/SRTP sending
 only, not a resampler and an Opus encoder of its own. A Janus publisher (daemon/janus.py) is one more sink: it
-sends the same packets on as RTP.
+sends the same packets on as RTP. A publisher that takes over another daemon's RTP stream (a move) starts its
+encoder with `seek` and `start_at` instead: from an agreed sample, at an agreed time, primed with the packet before.
 
 RTP timestamps: a packet's pts counts samples since its encoder started (time_base 1/48000) and the sender
 adds its own random origin, so every peer sees timestamps advance by exactly 960 per packet; a peer that
@@ -51,6 +52,7 @@ MAX_LAG_S = 0.2  # an encoder further behind the wall clock than this restarts i
 QUEUE_PACKETS = 10  # a peer further behind than this loses its oldest packets
 LOG_EVERY_S = 10.0  # encoder failures are logged at most this often
 LOAD_WINDOW_S = 0.5  # the encoding thread's busy share is measured over windows this long
+SEEK_POLL_S = 0.002  # seek(): how long to wait for the engine when nothing more is written yet
 
 log = logging.getLogger("wavecast.peers")
 
@@ -213,6 +215,7 @@ class StreamEncoder:
         self._pts = 0  # samples read, i.e. the next frame's pts
         self._out_pts = 0  # the next packet's pts
         self._start: float | None = None
+        self._warmup = 0  # packets still to encode and drop before the first one sent (handover)
         self.due = math.inf  # from the first peer's first recv(), when its RTP sender starts
         self.reader = stream.listen()
         encoding.add(self)
@@ -232,6 +235,41 @@ class StreamEncoder:
         if self.due == math.inf and not self.closed:
             self.due = time.monotonic()
             self.encoding.wake()
+
+    def cursor(self) -> tuple[int, int, float]:
+        """(pts of the next packet, the stream sample it starts reading at, when it is due on the monotonic
+        clock), consistent with one another: taken between two steps."""
+        with self._lock:
+            return self._out_pts, self.reader.position, self.due
+
+    async def seek(self, position: int) -> None:
+        """Before the first packet: read and drop the stream up to sample `position`, as fast as the engine makes
+        it (it generates while this reader is below its fill, and ticks again at once when it made frames), and
+        never more than is written, so no underrun grows the stream's fill."""
+        if position < self.reader.position:
+            raise ValueError(f"the stream is at sample {self.reader.position} already, past {position}")
+        scratch = np.empty(self.reader.rings.capacity, np.float32)
+        while not self.closed and self.reader.position < position:
+            rings, slot, _ = self.reader.at
+            ready = min(int(rings.written[slot]) * rings.hop - self.reader.position, position - self.reader.position)
+            if ready > 0:
+                self.reader.read(scratch[:ready])
+            else:
+                self.engine.notify()
+                await asyncio.sleep(SEEK_POLL_S)
+
+    def start_at(self, at: float) -> None:
+        """Take over another encoder's packets (a handover): encode one packet now and drop it, so that libopus's
+        lookahead is primed with the audio before this reader's position, then send from the packet due at `at`
+        (monotonic clock) on; the first sent packet decodes to the audio from the reader's position plus one packet,
+        minus the lookahead, exactly as the other encoder's packet of that pts would. Later than MAX_LAG_S past `at`,
+        it sends at once."""
+        if self.due != math.inf or self.closed:
+            raise RuntimeError("this encoder has started already")
+        self._warmup = 1
+        self._start = at - PACKET_SAMPLES / SAMPLE_RATE
+        self.due = self._start
+        self.encoding.wake()
 
     def on_close(self, callback: Callable[[StreamEncoder], None]) -> None:
         self._on_close.append(callback)
@@ -257,6 +295,9 @@ class StreamEncoder:
             self._pts += PACKET_SAMPLES
             self.due = self._start + self._pts / SAMPLE_RATE
             packets = self._codec.encode(frame)
+            if self._warmup:
+                self._warmup -= 1
+                return None
             # libopus gives one packet per 20 ms frame; its pts starts at minus the encoder delay, so number
             # them ourselves: consecutive packets are 960 apart, whatever the delay
             for packet in packets:
@@ -272,13 +313,14 @@ class StreamEncoder:
         if not self.sinks:
             self.close("no_listeners", "the last listener left")
 
-    def close(self, code: str = "closed", message: str = "the stream's WebRTC encoder closed") -> None:
-        """Stop encoding, release the reader and end every sink (on the event loop)."""
+    def close(self, code: str = "closed", message: str = "the stream's WebRTC encoder closed", **more: str) -> None:
+        """Stop encoding, release the reader and end every sink (on the event loop); `more` goes into the
+        reason the sinks get (a move's "to")."""
         if self.closed:
             return
         with self._lock:
             self.closed = True
-        self.ended = {"code": code, "message": message}
+        self.ended = {"code": code, "message": message, **more}
         self.encoding.remove(self)
         self.stream.unlisten(self.reader)
         sinks, self.sinks = self.sinks, []

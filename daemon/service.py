@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wavecast.daemon")
 DRAIN_SECONDS = 4.0  # SIGTERM: the most that closing peers and devices may take before the process exits
 PR_SET_PDEATHSIG = 1  # prctl(2)
+DRAINING_RETRY_S = 30  # Retry-After of a stream refused while draining (the daemon will be gone; use the other)
 DETECTIONS = 2  # watermark detections accepted at once: one runs in the detector process, one waits for it
 
 
@@ -75,7 +76,9 @@ class Daemon:
         self.started = time.time()
         self.errors = 0
         self.jobs = Jobs(store.root.parent / "jobs", store.root, default_work(), limits)  # training workers
-        self.draining = False
+        self.draining = False  # stopping: shutdown() runs
+        self.drain_to: str | None = None  # POST /v1/drain: streams move to this daemon, new ones are refused
+        self.moving: dict[str, str] = {}  # streams moving to another daemon (daemon/migrate.py): id -> its URL
         self._loading: dict[str, asyncio.Lock] = {}
         self.follower = Follower(self)  # moves following streams to new versions; starts with the first model
 
@@ -138,6 +141,19 @@ class Daemon:
         """The stream called `name`, if any."""
         return next((s for s in list(self.engine.streams.values()) if s.name == name), None)
 
+    def steerable(self, stream: Stream) -> None:
+        """Refuse a change to a stream that moves to another daemon: both must make the same audio up to the cut."""
+        to = self.moving.get(stream.id)
+        if to is not None:
+            raise ApiError(409, "stream_moving", f"the stream is moving to the daemon at {to}; retry in a second on "
+                                                 "the daemon it moves to (GET /v1/streams there finds it by name)")
+
+    def open_for_streams(self) -> None:
+        """Refuse new streams while draining, naming the daemon to use instead."""
+        if self.drain_to is not None:
+            raise ApiError(503, "draining", f"this daemon is draining: its streams move to {self.drain_to} and it "
+                           f"will stop; create the stream there", {"Retry-After": str(DRAINING_RETRY_S)})
+
     def stream_info(self, stream: Stream) -> dict:
         info = stream.info()
         info["peers"] = len(self.peers.get(stream.id, ()))
@@ -164,7 +180,7 @@ class Daemon:
             await publisher.stop(reason["message"])
         encoder = self.encoders.pop(stream.id, None)
         if encoder:  # its peers hear `reason` and hang up
-            encoder.close(reason["code"], reason["message"])
+            encoder.close(**reason)
         await asyncio.gather(*(peer.close(reason) for peer in list(self.peers.pop(stream.id, ()))))
         out = self.outputs.pop(stream.id, None)
         if out:

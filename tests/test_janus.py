@@ -11,104 +11,30 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 
 import aiohttp
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from tests.conftest import Server, start_server, stop_server
-from wavecast.daemon.janus import NO_SUCH_MOUNTPOINT, Janus, JanusError
-from wavecast.daemon.peers import PACKET_SAMPLES, use_ice_host
+from tests.conftest import (
+    JanusServer,
+    Server,
+    Watcher,
+    free_port,
+    janus_request,
+    mountpoint_info,
+    start_server,
+    stop_server,
+)
+from wavecast.daemon.peers import PACKET_SAMPLES
 from wavecast.streaming.analysis import estimate_f0
 
-JANUS = Path("/usr/bin/janus")
-CONFIGS = Path(__file__).parent / "janus"
-INTERFACE, ADDRESS = "wc0", "192.0.2.1"
 SR = 48_000
 TONE = {"seed": 7, "controls": {"f0": 440, "loudness": -20}}
-
-
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def interface() -> Iterator[str]:
-    """An interface with ADDRESS for Janus's ICE and the listeners: a dummy, or a bridge without ports (the same
-    for local traffic) where the kernel has no dummy module."""
-    if not JANUS.exists():
-        pytest.skip(f"no {JANUS}: install Debian's janus package")
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("the Janus tests add a network interface: they need root and `ip` (iproute2), as in .ci/run")
-    run("ip", "link", "del", INTERFACE)  # left by a run that was killed
-    errors = []
-    for kind in ("dummy", "bridge"):
-        done = run("ip", "link", "add", INTERFACE, "type", kind)
-        if done.returncode == 0:
-            break
-        errors.append(f"{kind}: {done.stderr.strip()}")
-    else:
-        pytest.skip(f"cannot add a network interface for Janus ({'; '.join(errors)})")
-    try:
-        for cmd in (("addr", "add", f"{ADDRESS}/24", "dev", INTERFACE), ("link", "set", INTERFACE, "up")):
-            done = run("ip", *cmd)
-            assert done.returncode == 0, done.stderr
-        yield INTERFACE
-    finally:
-        run("ip", "link", "del", INTERFACE)
-
-
-class JanusServer:
-    """Janus with tests/janus/'s configuration (HTTP port and RTP ports filled in), started and killed at will."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir, self.port = tmp, free_port()
-        self.url = f"http://127.0.0.1:{self.port}/janus"
-        values = {"configs": str(tmp), "address": ADDRESS, "interface": INTERFACE, "http_port": self.port,
-                  "rtp_ports": "40000-40999", "ice_ports": "41000-41999"}
-        for path in CONFIGS.glob("*.jcfg"):
-            (tmp / path.name).write_text(Template(path.read_text()).substitute(values))
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with (self.dir / "janus.log").open("a") as log:
-            self.process = subprocess.Popen([str(JANUS), "-C", str(self.dir / "janus.jcfg"), "-F", str(self.dir)],
-                                            stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                with urllib.request.urlopen(f"{self.url}/info", timeout=2) as resp:
-                    if json.loads(resp.read()).get("janus") == "server_info":
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"Janus did not start:\n{self.log()}")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def log(self) -> str:
-        return (self.dir / "janus.log").read_text()[-4000:]
 
 
 @dataclass
@@ -127,78 +53,6 @@ def setup(interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     finally:
         stop_server(daemon)
         janus.kill()
-
-
-async def janus_request(url: str, body: dict) -> dict:
-    """One request to the Streaming plugin in a session of its own (the plugin's answer; JanusError if refused)."""
-    async with aiohttp.ClientSession() as http:
-        janus = Janus(url, http)
-        await janus.connect()
-        try:
-            return await janus.request(body)
-        finally:
-            await janus.close()
-
-
-async def mountpoint_info(url: str, mountpoint: int) -> dict | None:
-    try:
-        return (await janus_request(url, {"request": "info", "id": mountpoint}))["info"]
-    except JanusError as e:
-        assert e.code == NO_SUCH_MOUNTPOINT, e
-        return None
-
-
-class Watcher:
-    """A WebRTC listener of a Janus mountpoint, through Janus only: attach, watch, Janus's offer from the long
-    poll, our answer with `start`; then the audio track, drained into `audio` by `drain()`."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
-        self.janus = Janus(url, http)
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.frames = 0
-
-    @classmethod
-    async def watch(cls, http: aiohttp.ClientSession, url: str, mountpoint: int) -> Watcher:
-        use_ice_host(ADDRESS)
-        self = cls(http, url)
-        await self.janus.connect()
-        await self.janus.request({"request": "watch", "id": mountpoint})
-        offer = (await self.event(lambda e: "jsep" in e))["jsep"]
-        track = asyncio.get_running_loop().create_future()
-        self.pc.on("track", lambda t: track.done() or track.set_result(t))
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
-        await self.janus.request({"request": "start"}, {"type": "answer", "sdp": self.pc.localDescription.sdp})
-        self.track = await asyncio.wait_for(track, 10)
-        return self
-
-    async def event(self, wanted, seconds: float = 10) -> dict:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for event in await asyncio.wait_for(self.janus.events(), deadline - time.monotonic()):
-                if wanted(event):
-                    return event
-        raise AssertionError("no such event from Janus")
-
-    async def collect(self, seconds: float) -> tuple[np.ndarray, list[int], list[float]]:
-        """`seconds` of audio (left channel), each frame's RTP timestamp and arrival time."""
-        chunks, stamps, arrivals, need = [], [], [], int(seconds * SR)
-        while sum(map(len, chunks)) < need:
-            frame = await asyncio.wait_for(self.track.recv(), 10)
-            stamps.append(frame.pts)
-            arrivals.append(time.monotonic())
-            chunks.append(frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float32) / 32768)
-        return np.concatenate(chunks)[:need], stamps, arrivals
-
-    async def drain(self) -> None:
-        """Take every frame as it comes (aiortc would queue them otherwise), counting them."""
-        while True:
-            await self.track.recv()
-            self.frames += 1
-
-    async def close(self) -> None:
-        await self.pc.close()
-        await self.janus.close()
 
 
 def publish(daemon: Server, sid: str, body: dict) -> tuple[int, dict]:

@@ -58,6 +58,7 @@ PRESETS = {"type": "object", "required": ["stings", "moods"],
 async def send_event(request: web.Request, body: dict) -> web.Response:
     d: Daemon = request.app["daemon"]
     stream = d.stream(request)
+    d.steerable(stream)
     kind = body["type"]
     event = dict(body)
     if kind == "duck":

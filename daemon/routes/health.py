@@ -13,10 +13,12 @@ from wavecast.daemon.service import Daemon
 
 HEALTH = {
     "type": "object", "required": ["status", "failed_streams", "failed_models", "uptime_seconds", "streams",
-                                   "admission"],
+                                   "admission", "draining"],
     "properties": {"status": {"enum": ["ok", "degraded"]}, "failed_streams": {"type": "array"},
                    "failed_models": {"type": "array"}, "uptime_seconds": {"type": "number"},
-                   "streams": {"type": "integer"}, "admission": {"type": "object"}},
+                   "streams": {"type": "integer"}, "admission": {"type": "object"},
+                   "draining": {"type": ["object", "null"], "description": "{to}: POST /v1/drain moves the streams to "
+                                "that daemon and new ones are refused; null when not draining"}},
 }
 
 
@@ -25,7 +27,8 @@ HEALTH = {
 async def health(request: web.Request) -> web.Response:
     d: Daemon = request.app["daemon"]
     return web.json_response({**d.engine.health(), "uptime_seconds": round(time.time() - d.started, 1),
-                              "streams": len(d.engine.streams), "admission": d.engine.admission()})
+                              "streams": len(d.engine.streams), "admission": d.engine.admission(),
+                              "draining": {"to": d.drain_to} if d.drain_to is not None else None})
 
 
 @route("GET", "/metrics", "Prometheus text: engine, encoding, peers, errors and limits",

@@ -5,14 +5,35 @@ Janus then serves the stream's WebRTC listeners, however many, from one RTP stre
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from wavecast.daemon.api import ApiError, route
-from wavecast.daemon.janus import JanusError, JanusUnreachable, MountpointUnusable, Publisher
+from wavecast.daemon.janus import Handover, JanusError, JanusUnreachable, MountpointUnusable, Publisher
+from wavecast.daemon.peers import PACKET_SAMPLES
 from wavecast.daemon.service import Daemon
 from wavecast.streaming.engine import RETRY_AFTER_SECONDS, Stream
 
 MAX_MOUNTPOINT = 2**53 - 1  # Janus's own ids stay below this, as JSON numbers every client reads exactly
+MAX_HANDOVER_S = 60.0  # a handover's first packet is due within this long, and this much audio ahead at most
+HANDOVER = {
+    "type": "object", "required": ["sample", "at", "ssrc", "seq", "timestamp"], "additionalProperties": False,
+    "description": "go on with another daemon's RTP stream to the mountpoint (a move, POST /v1/streams/{id}/move "
+                   "sends it): this stream, resumed from that daemon's snapshot and not listened to yet, is read up "
+                   "to 'sample' at once, and its packet that reads from 'sample' on is sent at 'at' with these RTP "
+                   "numbers, the next ones counting on. The mountpoint is then this daemon's: DELETE destroys it",
+    "properties": {
+        "sample": {"type": "integer", "minimum": 0, "maximum": 2**62,
+                   "description": "the stream sample (counting from its first) the first packet reads from"},
+        "at": {"type": "number", "minimum": 0, "maximum": 1e11,
+               "description": "when that packet is due: Unix time in seconds (the daemons' clocks must agree: one "
+                              "host, or NTP)"},
+        "ssrc": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+        "seq": {"type": "integer", "minimum": 0, "maximum": 2**16 - 1, "description": "its RTP sequence number"},
+        "timestamp": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1, "description": "its RTP timestamp"},
+    },
+}
 PUBLISH = {
     "type": "object", "required": ["janus"], "additionalProperties": False,
     "properties": {
@@ -21,6 +42,7 @@ PUBLISH = {
         "mountpoint": {"type": "integer", "minimum": 1, "maximum": MAX_MOUNTPOINT,
                        "description": "the Streaming plugin mountpoint's id: an Opus RTP mountpoint of that id is "
                                       "used if it exists, else made; omitted, Janus picks the id of a new one"},
+        "handover": HANDOVER,
     },
 }
 PUBLICATION = {
@@ -35,6 +57,8 @@ PUBLICATION = {
         "packets": {"type": "integer", "description": "RTP packets sent"},
         "retries": {"type": "integer"},
         "rtp": {"type": ["object", "null"], "description": "{host, port} the RTP goes to"},
+        "handover": {"type": ["object", "null"], "description": "the handover it began with, and late_ms: how late "
+                                                             "its first packet was sent (null until then)"},
     },
 }
 
@@ -59,7 +83,8 @@ async def publish(request: web.Request, body: dict) -> web.Response:
         raise ApiError(503, "encoder_saturated", f"the Opus encoding thread is {100 * d.encoding.load:.0f} % busy "
                        f"(limit {100 * d.encode_budget:.0f} %): another stream's encoder would make every stream "
                        "late; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    publisher = Publisher(stream, body["janus"], body.get("mountpoint"))
+    handover = _handover(d, stream, body)
+    publisher = Publisher(stream, body["janus"], body.get("mountpoint"), handover)
     try:
         await publisher.connect()
     except MountpointUnusable as e:
@@ -109,6 +134,30 @@ async def unpublish(request: web.Request) -> web.Response:
     destroyed = await publisher.stop()
     return web.json_response({"stream": stream.id, "deleted": True, "mountpoint": publisher.mountpoint,
                               "mountpoint_destroyed": destroyed})
+
+
+def _handover(d: Daemon, stream: Stream, body: dict) -> Handover | None:
+    """The body's handover, checked against the stream: one nobody listens to, behind the handover's sample."""
+    if "handover" not in body:
+        return None
+    handover = Handover(**body["handover"])
+    if "mountpoint" not in body:
+        raise ApiError(422, "invalid_handover", "a 'handover' goes on with a mountpoint's RTP stream; give its "
+                                                "'mountpoint'")
+    if stream.id in d.encoders:
+        raise ApiError(409, "stream_listened", "a handover needs a stream nobody listens to yet (this one has "
+                                               "WebRTC listeners or a publisher); resume the snapshot again")
+    at = stream.frames * stream.manifest.hop
+    ahead = handover.sample - PACKET_SAMPLES - at
+    if not 0 <= ahead <= MAX_HANDOVER_S * stream.manifest.sample_rate:
+        raise ApiError(422, "invalid_handover", f"handover 'sample' {handover.sample} must be a packet "
+                       f"({PACKET_SAMPLES} samples) to {MAX_HANDOVER_S:g} s past the stream's sample {at}; take "
+                       "a new snapshot")
+    if abs(handover.at - time.time()) > MAX_HANDOVER_S:
+        raise ApiError(422, "invalid_handover", f"handover 'at' is {handover.at - time.time():+.1f} s from this "
+                       f"daemon's clock (at most {MAX_HANDOVER_S:g} s either way); synchronise the daemons' clocks "
+                       "(NTP)")
+    return handover
 
 
 def _publisher(d: Daemon, stream: Stream) -> Publisher:

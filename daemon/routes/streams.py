@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import secrets
 from typing import Any
@@ -42,7 +41,7 @@ CONTROLS = {
     # each model checks its own ranges; this bound keeps numbers no float can hold from reaching those checks
     "additionalProperties": {"type": ["number", "string"], "maxLength": 100, "minimum": -1e9, "maximum": 1e9},
     "description": "controls by name. An instrument's (e.g. f0, loudness) are numbers; a composed stream's are "
-                   "tempo, temperature, top_k, density, legato, vibrato, volume, scale, register and metre. "
+                   "tempo, temperature, top_k, density, legato, vibrato, volume, scale, register, metre and form. "
                    "GET /v1/models/{name} lists each control with its unit, range and default",
 }
 CREATE = {
@@ -148,6 +147,7 @@ async def apply_patch(d: Daemon, stream: Stream, body: dict) -> dict:
     """Controls, an instrument, and (composed streams) a composer and an action, from PATCH or the data
     channel, already checked against PATCH's schema; all are checked against the stream before any is applied.
     Returns the stream's controls (and now-playing)."""
+    d.steerable(stream)
     voice = stream.voice
     action, model, composer_name = body.get("action"), body.get("model"), body.get("composer")
     if voice is None and (action is not None or composer_name is not None):
@@ -208,6 +208,7 @@ async def _switch_model(d: Daemon, stream: Stream, name: str) -> None:
     503: "the engine or the model cannot take another stream now (Retry-After)"})
 async def create_stream(request: web.Request, body: dict) -> web.Response:
     d: Daemon = request.app["daemon"]
+    d.open_for_streams()
     d.stream_rate.check(request.remote or "", "streams created")
     if "name" in body:
         _name_free(d, body["name"])
@@ -247,10 +248,12 @@ async def _resume(d: Daemon, body: dict) -> web.Response:
         raise ApiError(422, "invalid_request", f"a resumed stream plays the snapshot's model, composer, seed and "
                        f"controls; leave out {', '.join(repr(g) for g in given)} (PATCH the stream afterwards)")
     try:
-        snapshot = decode(base64.b64decode(body["snapshot"], validate=True))
-    except binascii.Error:
+        raw = base64.b64decode(body["snapshot"], validate=True)
+    except ValueError:  # binascii.Error, or text that is not even ASCII
         raise ApiError(400, "invalid_snapshot", "field 'snapshot' is not base64; send the bytes of GET "
                                                 "/v1/streams/{id}/snapshot in standard base64") from None
+    try:
+        snapshot = decode(raw)
     except SnapshotError as e:
         raise ApiError(400, "invalid_snapshot", f"field 'snapshot': {e}") from None
     group = await _snapshot_model(d, snapshot, "model")

@@ -91,8 +91,11 @@ class Peer:
         if reason is not None:
             log.info("closing peer stream=%s: %s", self.stream.id, reason["message"])
             open_ = [ch for ch in self.channels if ch.readyState == "open"]
+            # a stream that moved to another daemon says where it went (docs/snapshot.md); anything else is an error
+            said = ({"type": "moved", "to": reason["to"], "message": reason["message"]} if reason["code"] == "moved"
+                    else {"type": "error", "error": reason})
             for channel in open_:
-                channel.send(json.dumps({"type": "error", "error": reason}))
+                channel.send(json.dumps(said))
             if open_:
                 await asyncio.sleep(0.1)  # let SCTP send it
         try:

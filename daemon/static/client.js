@@ -6,7 +6,7 @@ const token = params.get("token");
 
 // Parameters that are not stream controls; any other parameter of the overlay is sent as a control.
 const NOT_CONTROLS = new Set(["stream", "name", "model", "composer", "seed", "token", "fg", "accent", "bg", "size",
-  "show", "visual"]);
+  "show", "visual", "janus", "mountpoint"]);
 export const DEFAULT_NAME = "overlay";
 const NAME = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 

@@ -1,8 +1,10 @@
 // The overlay: plays a wavecast stream over WebRTC with the browser's own RTCPeerConnection, shows what it plays
 // and draws an audio-reactive visual. Made for an OBS browser source (transparent, sized by the source); it
-// reconnects by itself. window.wavecast exposes its state and its audio analysis for tests and benches.
+// reconnects by itself. With ?janus=URL&mountpoint=N it plays that Janus Streaming mountpoint instead, without
+// asking the daemon anything. window.wavecast exposes its state and its audio analysis for tests and benches.
 
 import { api, credit, findOrCreate, makeLog, params, sleep, target } from "./client.js";
+import { Janus, JanusError } from "./janus.js";
 
 const $ = (id) => document.getElementById(id);
 const audio = $("audio");
@@ -14,10 +16,13 @@ const log = makeLog();
 const levels = []; // {t, db}: level() sampled at every animation frame, the last MAX_LEVELS kept
 const MAX_LEVELS = 20000;
 const SILENCE_DB = -120;
+const NO_SUCH_MOUNTPOINT = 455; // the Streaming plugin's error code
+const throughJanus = janusSource(); // null: the daemon's stream; {url, id}; or {error} for bad parameters
+let current = null; // the session playing now
 
 const wc = {
-  state: "starting", stream: null, nowPlaying: null, analyser: null, context: null, connects: 0, log, levels,
-  level, pitch, spectrum, stats, pc: null,
+  state: "starting", stream: null, mountpoint: null, nowPlaying: null, analyser: null, context: null, connects: 0,
+  log, levels, level, pitch, spectrum, stats, pc: null,
 };
 window.wavecast = wc;
 
@@ -31,6 +36,26 @@ function setState(state, text = "") {
   $("status").hidden = !text;
 }
 
+// ?janus=URL&mountpoint=N: the mountpoint to play through Janus, null when neither is given, {error} when wrong.
+function janusSource() {
+  const [url, id] = [params.get("janus"), params.get("mountpoint")];
+  if (url === null && id === null) return null;
+  let parsed = null;
+  try {
+    parsed = new URL(url ?? "");
+  } catch {
+    // said below
+  }
+  if (!parsed || !["http:", "https:"].includes(parsed.protocol) || parsed.username || parsed.password) {
+    return { error: "'janus' must be the http(s) URL of Janus's HTTP API, e.g. janus=http://HOST:8088/janus" };
+  }
+  if (!/^[1-9][0-9]*$/.test(id ?? "") || !Number.isSafeInteger(Number(id))) {
+    return { error: "'mountpoint' must be the id of a Janus Streaming mountpoint, a whole number from 1, " +
+      "e.g. mountpoint=42 (the id POST /v1/streams/ID/publish answered)" };
+  }
+  return { url: parsed.href, id: Number(id) };
+}
+
 // -- theme, from the query ------------------------------------------------------------------------------
 function applyTheme() {
   const root = document.documentElement.style;
@@ -40,7 +65,8 @@ function applyTheme() {
   }
   const size = Number(params.get("size"));
   if (size >= 6 && size <= 200) root.setProperty("--size", `${size}px`);
-  $("nowplaying").hidden = !show.has("nowplaying");
+  // what plays now comes over the daemon's data channel, which a Janus mountpoint does not carry
+  $("nowplaying").hidden = !show.has("nowplaying") || throughJanus !== null;
   $("credit").hidden = !show.has("credit");
   canvas.hidden = !show.has("visual");
 }
@@ -225,6 +251,13 @@ function showStream(stream) {
   }
 }
 
+// A mountpoint through Janus: its description says what plays (a wavecast stream's says it is AI-generated).
+function showMountpoint(info) {
+  wc.mountpoint = info;
+  $("credit").textContent = info.description || `Janus mountpoint ${info.id}`;
+  $("credit").title = info.description || "";
+}
+
 function showNowPlaying(np) {
   const note = np.note;
   $("note").textContent = np.state === "paused" ? "paused" : note ? note.note : "…";
@@ -305,18 +338,77 @@ async function connect() {
     const media = await Promise.race([Promise.all([track, open]).then(([m]) => m), session.closed,
       sleep(10000).then(() => "timeout")]);
     if (!(media instanceof MediaStream)) throw new Error(`no audio (${media})`);
-    const context = audioGraph();
-    audio.srcObject = media; // Chrome feeds Web Audio from a remote track only while a media element plays it
-    session.source = context.createMediaStreamSource(media);
-    session.source.connect(wc.analyser);
+    listen(session, media);
     // a peer that goes quiet (daemon killed, network gone) is dropped sooner than ICE would notice
     session.timer = setInterval(() => {
       if (Date.now() - session.lastMessage > 4000) drop("no message for 4 s");
     }, 1000);
-    wc.pc = pc;
-    lastJitter = null;
-    wc.connects += 1;
     log.add("connected", { stream: stream.id });
+    return session;
+  } catch (e) {
+    close(session);
+    throw e;
+  }
+}
+
+// Play `media` and let the analyser hear it: the same for the daemon's stream and a mountpoint through Janus.
+function listen(session, media) {
+  const context = audioGraph();
+  audio.srcObject = media; // Chrome feeds Web Audio from a remote track only while a media element plays it
+  session.source = context.createMediaStreamSource(media);
+  session.source.connect(wc.analyser);
+  wc.pc = session.pc;
+  lastJitter = null;
+  wc.connects += 1;
+}
+
+// One connection through Janus alone: a session with a handle on the Streaming plugin, the mountpoint's `info`
+// (its description), `watch` (Janus's offer comes on the long poll), our answer with `start`. Resolves with a
+// session as connect() does; throws a JanusError that says what is wrong (no Janus there, no such mountpoint).
+async function connectJanus({ url, id }) {
+  const janus = new Janus(url);
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  let drop;
+  const session = { pc, janus, source: null, timer: null };
+  session.closed = new Promise((resolve) => {
+    drop = (why) => {
+      log.add("drop", { why });
+      resolve(why);
+    };
+  });
+  try {
+    await janus.connect("janus.plugin.streaming");
+    janus.onlost = (e) => drop(e.message);
+    janus.onevent = (event) => {
+      log.add("janus", { event: event.janus, reason: event.reason });
+      if (event.janus === "hangup" || event.janus === "detached") drop(`Janus: ${event.reason || event.janus}`);
+    };
+    let info;
+    try {
+      info = (await janus.request({ request: "info", id })).data.info;
+    } catch (e) {
+      if (e.code !== NO_SUCH_MOUNTPOINT) throw e;
+      throw new JanusError(`Janus at ${url} has no mountpoint ${id}: check 'mountpoint' (the id that POST ` +
+        "/v1/streams/ID/publish answered), or publish the stream to it", e.code);
+    }
+    showMountpoint(info);
+    const track = new Promise((resolve) => {
+      pc.ontrack = (event) => resolve(event.streams[0] || new MediaStream([event.track]));
+    });
+    pc.onconnectionstatechange = () => {
+      log.add("peer", { state: pc.connectionState });
+      if (["failed", "disconnected", "closed"].includes(pc.connectionState)) drop(`peer ${pc.connectionState}`);
+    };
+    const { jsep: offer } = await janus.request({ request: "watch", id });
+    if (!offer) throw new JanusError(`Janus at ${url} sent no offer for mountpoint ${id}`);
+    await pc.setRemoteDescription(offer);
+    await pc.setLocalDescription(await pc.createAnswer());
+    await iceGathered(pc, 3000);
+    await janus.request({ request: "start" }, { type: "answer", sdp: pc.localDescription.sdp, trickle: false });
+    const media = await Promise.race([track, session.closed, sleep(10000).then(() => "timeout")]);
+    if (!(media instanceof MediaStream)) throw new Error(`no audio (${media})`);
+    listen(session, media);
+    log.add("connected", { janus: url, mountpoint: id });
     return session;
   } catch (e) {
     close(session);
@@ -340,6 +432,7 @@ async function refresh(id, session) {
 
 function close(session) {
   clearInterval(session.timer);
+  session.janus?.destroy();
   if (session.source) session.source.disconnect();
   session.source = null;
   try {
@@ -368,12 +461,18 @@ async function play() {
 async function main() {
   applyTheme();
   requestAnimationFrame(draw);
+  if (throughJanus?.error) {
+    setState("error", throughJanus.error);
+    return;
+  }
+  addEventListener("pagehide", () => current?.janus?.destroy());
   setState("starting", "connecting…");
   let delay = 250;
   for (;;) {
     let why;
     try {
-      const session = await connect();
+      const session = await (throughJanus ? connectJanus(throughJanus) : connect());
+      current = session;
       await play();
       setState("playing");
       delay = 250;
@@ -387,8 +486,12 @@ async function main() {
       audio.srcObject = null;
       return;
     }
-    const detail = why && why.status >= 400 && why.status !== 404 ? ` (${why.message})` : "";
-    setState("reconnecting", `reconnecting…${detail}`);
+    if (why instanceof JanusError) {
+      setState("error", why.message); // said until it plays: tried again meanwhile
+    } else {
+      const detail = why && why.status >= 400 && why.status !== 404 ? ` (${why.message})` : "";
+      setState("reconnecting", `reconnecting…${detail}`);
+    }
     await sleep(delay);
     delay = Math.min(2000, delay * 2);
   }
