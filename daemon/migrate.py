@@ -33,13 +33,12 @@ from wavecast.daemon.api import ApiError
 from wavecast.daemon.janus import Publisher
 from wavecast.daemon.peers import PACKET_SAMPLES, SAMPLE_RATE
 from wavecast.daemon.service import Daemon
-from wavecast.streaming.engine import SnapshotRefused, Stream, describe
+from wavecast.streaming.engine import Stream, describe
 from wavecast.streaming.snapshot import Snapshot, encode
 
 log = logging.getLogger("wavecast.migrate")
 LEAD_S = 0.3  # from planning the cut to it: B's publish request, its Janus session and its catch-up to the cut
 CATCH_UP = 4.0  # B reads to the cut at least this much faster than real time: a B slow to resume gets more lead
-SNAPSHOT_S = 5.0  # the most a move waits for the inference thread's snapshot
 REQUEST_S = 30.0  # a request to B (resuming may load the model there first)
 CONNECT_S = 5.0  # connecting to B
 CUT_GRACE_S = 2.0  # past the cut's time, the most A waits for its own packet at the cut
@@ -95,7 +94,7 @@ async def move(d: Daemon, stream: Stream, to: str, token: str | None = None) -> 
 
 
 async def _move(d: Daemon, stream: Stream, target: Target) -> dict[str, Any]:
-    snapshot = await _snapshot(d, stream)
+    snapshot = await d.snapshot(stream, "move")
     created = await target.call("POST", "/v1/streams", {"snapshot": base64.b64encode(encode(snapshot)).decode()})
     new_id = created["id"]
     url = f"{target.url}/v1/streams/{new_id}"
@@ -119,18 +118,6 @@ async def _move(d: Daemon, stream: Stream, target: Target) -> dict[str, Any]:
                                   "to": url})
     log.info("stream moved id=%s to=%s new=%s", stream.id, target.url, new_id)
     return result
-
-
-async def _snapshot(d: Daemon, stream: Stream) -> Snapshot:
-    try:
-        return await asyncio.wait_for(asyncio.wrap_future(d.engine.snapshot(stream)), SNAPSHOT_S)
-    except SnapshotRefused as e:
-        if stream.id not in d.engine.streams:
-            raise ApiError(404, "unknown_stream", "the stream ended; GET /v1/streams lists them") from None
-        raise ApiError(409, "stream_busy", f"cannot move the stream now: {e}") from None
-    except TimeoutError:
-        raise ApiError(503, "engine_busy", f"the engine took no snapshot within {SNAPSHOT_S:g} s; retry",
-                       {"Retry-After": "1"}) from None
 
 
 async def _hand_over(d: Daemon, stream: Stream, publisher: Publisher, snapshot: Snapshot, target: Target,
@@ -187,7 +174,12 @@ async def _lateness(target: Target, new_id: str, at: float) -> float | None:
 
 
 async def drain(d: Daemon, to: str, token: str | None = None) -> dict[str, Any]:
-    """Refuse new streams from now on and move every stream to `to`, DRAIN_AT_ONCE at a time."""
+    """Refuse new streams from now on and move every stream to `to`, DRAIN_AT_ONCE at a time. A `to` that does not
+    answer as a wavecast daemon that takes streams is refused first (502), and this daemon goes on serving."""
+    async with aiohttp.ClientSession() as http:
+        health = await Target(to, token, http).call("GET", "/v1/health")
+    if health.get("draining"):
+        raise ApiError(502, "move_refused", f"the daemon at {to} is draining itself; drain to one that stays")
     d.drain_to = to.rstrip("/")
     gate = asyncio.Semaphore(DRAIN_AT_ONCE)
 

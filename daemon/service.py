@@ -28,9 +28,10 @@ from wavecast.daemon.peers import ENCODER_DELAY_SAMPLES, PACKET_SAMPLES, SAMPLE_
 from wavecast.daemon.swap import Follower
 from wavecast.models.store import ModelStore, UnknownVersion, default_work
 from wavecast.streaming.composer import ComposerGroup, ComposerModel
-from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Group, Stream
+from wavecast.streaming.engine import BUDGET, BUFFER_FRAMES, Engine, Group, SnapshotRefused, Stream
 from wavecast.streaming.events import Events, load_events
 from wavecast.streaming.model import FrameModel, ModelError
+from wavecast.streaming.snapshot import Snapshot
 from wavecast.streaming.watermark import Key
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ log = logging.getLogger("wavecast.daemon")
 DRAIN_SECONDS = 4.0  # SIGTERM: the most that closing peers and devices may take before the process exits
 PR_SET_PDEATHSIG = 1  # prctl(2)
 DRAINING_RETRY_S = 30  # Retry-After of a stream refused while draining (the daemon will be gone; use the other)
+SNAPSHOT_SECONDS = 5.0  # the most a snapshot (GET .../snapshot, a move) waits for the inference thread
 DETECTIONS = 2  # watermark detections accepted at once: one runs in the detector process, one waits for it
 
 
@@ -172,6 +174,19 @@ class Daemon:
             encoder = self.encoders[stream.id] = StreamEncoder(stream, self.engine, self.encoding)
             encoder.on_close(lambda e: self.encoders.pop(stream.id) if self.encoders.get(stream.id) is e else None)
         return encoder
+
+    async def snapshot(self, stream: Stream, purpose: str = "snapshot") -> Snapshot:
+        """`stream` snapshotted on the inference thread between two ticks; ApiError 404/409/503 (`purpose`, e.g.
+        "move", names what could not be done)."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.engine.snapshot(stream)), SNAPSHOT_SECONDS)
+        except SnapshotRefused as e:
+            if stream.id not in self.engine.streams:
+                raise ApiError(404, "unknown_stream", "the stream ended; GET /v1/streams lists them") from None
+            raise ApiError(409, "stream_busy", f"cannot {purpose} the stream now: {e}") from None
+        except TimeoutError:
+            raise ApiError(503, "engine_busy", f"the engine took no snapshot within {SNAPSHOT_SECONDS:g} s; retry",
+                           {"Retry-After": "1"}) from None
 
     async def close_stream(self, stream: Stream, reason: dict | None = None) -> None:
         reason = reason or {"code": "stream_deleted", "message": "the stream was deleted"}

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -132,14 +133,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def interface() -> Iterator[str]:
-    """An interface with ADDRESS for Janus's ICE and the listeners: a dummy, or a bridge without ports (the same
-    for local traffic) where the kernel has no dummy module."""
+class NoInterface(Exception):
+    """The Janus set-up cannot run here; the message says why."""
+
+
+@contextmanager
+def janus_interface() -> Iterator[str]:
+    """An interface with ADDRESS for Janus's ICE and the listeners (Janus's ICE leaves loopback out): a dummy, or a
+    bridge without ports (the same for local traffic) where the kernel has no dummy module. Removed on exit."""
     if not JANUS.exists():
-        pytest.skip(f"no {JANUS}: install Debian's janus package")
+        raise NoInterface(f"no {JANUS}: install Debian's janus package")
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("the Janus tests add a network interface: they need root and `ip` (iproute2), as in .ci/run")
+        raise NoInterface("the Janus set-up adds a network interface: it needs root and `ip` (iproute2), as in .ci/run")
     run("ip", "link", "del", INTERFACE)  # left by a run that was killed
     errors = []
     for kind in ("dummy", "bridge"):
@@ -148,14 +153,25 @@ def interface() -> Iterator[str]:
             break
         errors.append(f"{kind}: {done.stderr.strip()}")
     else:
-        pytest.skip(f"cannot add a network interface for Janus ({'; '.join(errors)})")
+        raise NoInterface(f"cannot add a network interface for Janus ({'; '.join(errors)})")
     try:
         for cmd in (("addr", "add", f"{ADDRESS}/24", "dev", INTERFACE), ("link", "set", INTERFACE, "up")):
             done = run("ip", *cmd)
-            assert done.returncode == 0, done.stderr
+            if done.returncode != 0:
+                raise NoInterface(f"cannot set up {INTERFACE}: {done.stderr.strip()}")
         yield INTERFACE
     finally:
         run("ip", "link", "del", INTERFACE)
+
+
+@pytest.fixture(scope="module")
+def interface() -> Iterator[str]:
+    with ExitStack() as stack:
+        try:
+            name = stack.enter_context(janus_interface())
+        except NoInterface as e:
+            pytest.skip(str(e))
+        yield name
 
 
 class JanusServer:
@@ -192,6 +208,26 @@ class JanusServer:
 
     def log(self) -> str:
         return (self.dir / "janus.log").read_text()[-4000:]
+
+
+@dataclass
+class JanusSetup:
+    """A Janus and a daemon beside it, for the tests that publish into Janus."""
+
+    janus: JanusServer
+    daemon: Server
+
+
+@pytest.fixture(scope="module")
+def janus_setup(interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JanusSetup]:
+    janus = JanusServer(tmp_path_factory.mktemp("janus"))
+    janus.start()
+    daemon = start_server(tmp_path_factory.mktemp("daemon"))
+    try:
+        yield JanusSetup(janus, daemon)
+    finally:
+        stop_server(daemon)
+        janus.kill()
 
 
 async def janus_request(url: str, body: dict) -> dict:

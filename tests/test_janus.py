@@ -12,16 +12,13 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import numpy as np
-import pytest
 
 from tests.conftest import (
-    JanusServer,
+    JanusSetup,
     Server,
     Watcher,
     free_port,
@@ -35,24 +32,6 @@ from wavecast.streaming.analysis import estimate_f0
 
 SR = 48_000
 TONE = {"seed": 7, "controls": {"f0": 440, "loudness": -20}}
-
-
-@dataclass
-class Setup:
-    janus: JanusServer
-    daemon: Server
-
-
-@pytest.fixture(scope="module")
-def setup(interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    janus = JanusServer(tmp_path_factory.mktemp("janus"))
-    janus.start()
-    daemon = start_server(tmp_path_factory.mktemp("daemon"))
-    try:
-        yield Setup(janus, daemon)
-    finally:
-        stop_server(daemon)
-        janus.kill()
 
 
 def publish(daemon: Server, sid: str, body: dict) -> tuple[int, dict]:
@@ -89,8 +68,8 @@ async def listen_once(url: str, mountpoint: int, seconds: float = 3.0) -> tuple[
             await watcher.close()
 
 
-def test_a_listener_hears_the_stream_through_janus(setup: Setup) -> None:
-    daemon, janus = setup.daemon, setup.janus
+def test_a_listener_hears_the_stream_through_janus(janus_setup: JanusSetup) -> None:
+    daemon, janus = janus_setup.daemon, janus_setup.janus
     sid = daemon.request("POST", "/v1/streams", TONE)[1]["id"]
     status, body = publish(daemon, sid, {"janus": janus.url})
     assert status == 201, body
@@ -116,8 +95,8 @@ def test_a_listener_hears_the_stream_through_janus(setup: Setup) -> None:
 
 
 # -- what goes wrong, said clearly ----------------------------------------------------------------------------
-def test_janus_errors_are_clear(setup: Setup) -> None:
-    daemon, janus = setup.daemon, setup.janus
+def test_janus_errors_are_clear(janus_setup: JanusSetup) -> None:
+    daemon, janus = janus_setup.daemon, janus_setup.janus
     sid = daemon.request("POST", "/v1/streams", TONE)[1]["id"]
     nowhere = f"http://127.0.0.1:{free_port()}/janus"
     started = time.monotonic()
@@ -175,10 +154,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def audience(setup: Setup, mountpoint: int, window: float = 4.0) -> tuple[float, float, list[int]]:
-    pid = setup.daemon.process.pid
+async def audience(janus_setup: JanusSetup, mountpoint: int, window: float = 4.0) -> tuple[float, float, list[int]]:
+    pid = janus_setup.daemon.process.pid
     async with aiohttp.ClientSession() as http:
-        watchers = [await Watcher.watch(http, setup.janus.url, mountpoint)]
+        watchers = [await Watcher.watch(http, janus_setup.janus.url, mountpoint)]
         drains = [asyncio.ensure_future(watchers[0].drain())]
         try:
             await asyncio.sleep(1.0)
@@ -186,14 +165,14 @@ async def audience(setup: Setup, mountpoint: int, window: float = 4.0) -> tuple[
             await asyncio.sleep(window)
             one = cpu_seconds(pid) - before
             for _ in range(19):
-                watchers.append(await Watcher.watch(http, setup.janus.url, mountpoint))
+                watchers.append(await Watcher.watch(http, janus_setup.janus.url, mountpoint))
                 drains.append(asyncio.ensure_future(watchers[-1].drain()))
             await asyncio.sleep(1.0)
             counted = [w.frames for w in watchers]
             before = cpu_seconds(pid)
             await asyncio.sleep(window)
             twenty = cpu_seconds(pid) - before
-            viewers = (await mountpoint_info(setup.janus.url, mountpoint))["viewers"]
+            viewers = (await mountpoint_info(janus_setup.janus.url, mountpoint))["viewers"]
             assert viewers == 20, viewers
             return one, twenty, [w.frames - c for w, c in zip(watchers, counted, strict=True)]
         finally:
@@ -203,21 +182,21 @@ async def audience(setup: Setup, mountpoint: int, window: float = 4.0) -> tuple[
                 await watcher.close()
 
 
-def test_twenty_listeners_cost_the_daemon_no_more_than_one(setup: Setup) -> None:
-    daemon = setup.daemon
+def test_twenty_listeners_cost_the_daemon_no_more_than_one(janus_setup: JanusSetup) -> None:
+    daemon = janus_setup.daemon
     sid = daemon.request("POST", "/v1/streams", TONE)[1]["id"]
-    status, body = publish(daemon, sid, {"janus": setup.janus.url})
+    status, body = publish(daemon, sid, {"janus": janus_setup.janus.url})
     assert status == 201, body
     window = 4.0
-    one, twenty, frames = asyncio.run(audience(setup, body["mountpoint"], window))
+    one, twenty, frames = asyncio.run(audience(janus_setup, body["mountpoint"], window))
     assert min(frames) > 0.8 * window * SR / PACKET_SAMPLES, frames  # every listener really received
     assert twenty < 1.5 * one + 0.05 * window, (one, twenty)  # one RTP stream whatever the audience
     daemon.request("DELETE", f"/v1/streams/{sid}")
 
 
 # -- Janus restarts -----------------------------------------------------------------------------------------------
-def test_the_publisher_survives_a_janus_restart(setup: Setup) -> None:
-    daemon, janus = setup.daemon, setup.janus
+def test_the_publisher_survives_a_janus_restart(janus_setup: JanusSetup) -> None:
+    daemon, janus = janus_setup.daemon, janus_setup.janus
     sid = daemon.request("POST", "/v1/streams", TONE)[1]["id"]
     status, body = publish(daemon, sid, {"janus": janus.url})
     assert status == 201, body
@@ -237,15 +216,15 @@ def test_the_publisher_survives_a_janus_restart(setup: Setup) -> None:
     daemon.request("DELETE", f"/v1/streams/{sid}")
 
 
-def test_serve_janus_publishes_every_new_stream(setup: Setup, tmp_path: Path) -> None:
-    daemon = start_server(tmp_path, args=("--janus", setup.janus.url))
+def test_serve_janus_publishes_every_new_stream(janus_setup: JanusSetup, tmp_path: Path) -> None:
+    daemon = start_server(tmp_path, args=("--janus", janus_setup.janus.url))
     try:
         sid = daemon.request("POST", "/v1/streams", TONE)[1]["id"]
         body = wait_for_state(daemon, sid, "publishing", 5)
-        info = asyncio.run(mountpoint_info(setup.janus.url, body["mountpoint"]))
+        info = asyncio.run(mountpoint_info(janus_setup.janus.url, body["mountpoint"]))
         assert sid in info["description"], info
-        assert_hears(*asyncio.run(listen_once(setup.janus.url, body["mountpoint"], 2.0)))
+        assert_hears(*asyncio.run(listen_once(janus_setup.janus.url, body["mountpoint"], 2.0)))
         assert daemon.request("DELETE", f"/v1/streams/{sid}")[0] == 200
-        assert asyncio.run(mountpoint_info(setup.janus.url, body["mountpoint"])) is None
+        assert asyncio.run(mountpoint_info(janus_setup.janus.url, body["mountpoint"])) is None
     finally:
         stop_server(daemon)

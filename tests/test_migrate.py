@@ -214,10 +214,10 @@ def test_drain_moves_every_stream(pair: Pair, tmp_path: Path) -> None:
     assert status == 201, plain
 
     nowhere = f"http://127.0.0.1:{free_port()}"
-    done = drain(pair, nowhere)
-    assert done.returncode == 1, done
-    assert done.stdout.count("NOT moved") == 2 and nowhere in done.stdout, done.stdout
-    assert len(pair.a.request("GET", "/v1/streams")[1]["streams"]) == 2  # both play on here
+    done = drain(pair, nowhere)  # refused before it starts: a serves on, both streams play on here
+    assert done.returncode == 2 and nowhere in done.stderr and "cannot reach" in done.stderr, done
+    assert len(pair.a.request("GET", "/v1/streams")[1]["streams"]) == 2
+    assert pair.a.request("GET", "/v1/health")[1]["draining"] is None
 
     done = drain(pair, pair.b.url)
     assert done.returncode == 0, done

@@ -15,35 +15,15 @@ import math
 import statistics
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 import pytest
 
 from tests.browser import history, launch, open_page, playwright, sample
-from tests.conftest import JanusServer, Server, free_port, mountpoint_info, start_server, stop_server
+from tests.conftest import JanusServer, JanusSetup, Server, free_port, mountpoint_info
 
 TONE = {"model": "default", "seed": 7, "controls": {"f0": 440, "loudness": -20}}
-
-
-@dataclass
-class Setup:
-    janus: JanusServer
-    daemon: Server
-
-
-@pytest.fixture(scope="module")
-def setup(interface: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    janus = JanusServer(tmp_path_factory.mktemp("janus"))
-    janus.start()
-    daemon = start_server(tmp_path_factory.mktemp("daemon"))
-    try:
-        yield Setup(janus, daemon)
-    finally:
-        stop_server(daemon)
-        janus.kill()
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +52,8 @@ def mountpoint_info_now(janus: JanusServer, mountpoint: int) -> dict:
     return info
 
 
-def test_the_overlay_plays_a_mountpoint_through_janus(setup: Setup, browser) -> None:
-    daemon, janus = setup.daemon, setup.janus
+def test_the_overlay_plays_a_mountpoint_through_janus(janus_setup: JanusSetup, browser) -> None:
+    daemon, janus = janus_setup.daemon, janus_setup.janus
     status, stream = daemon.request("POST", "/v1/streams", TONE)  # the default instrument at 440 Hz
     assert status == 201, stream
     sid = stream["id"]
@@ -126,8 +106,8 @@ def test_the_overlay_plays_a_mountpoint_through_janus(setup: Setup, browser) -> 
     daemon.request("DELETE", f"/v1/streams/{sid}")
 
 
-def test_what_is_wrong_is_said_on_the_page(setup: Setup, browser) -> None:
-    daemon, janus = setup.daemon, setup.janus
+def test_what_is_wrong_is_said_on_the_page(janus_setup: JanusSetup, browser) -> None:
+    daemon, janus = janus_setup.daemon, janus_setup.janus
     nowhere = f"http://127.0.0.1:{free_port()}/janus"
     cases = [
         (overlay_url(daemon, janus.url, 987654), f"Janus at {janus.url} has no mountpoint 987654: check 'mountpoint'"),
@@ -148,8 +128,8 @@ def test_what_is_wrong_is_said_on_the_page(setup: Setup, browser) -> None:
             rec.page.close()
 
 
-def test_the_overlay_policy_allows_the_janus_origin_alone(setup: Setup) -> None:
-    daemon = setup.daemon
+def test_the_overlay_policy_allows_the_janus_origin_alone(janus_setup: JanusSetup) -> None:
+    daemon = janus_setup.daemon
 
     def connect_src(query: str) -> str:
         with urllib.request.urlopen(f"{daemon.url}/overlay{query}", timeout=10) as response:
@@ -163,11 +143,11 @@ def test_the_overlay_policy_allows_the_janus_origin_alone(setup: Setup) -> None:
         assert connect_src(f"?janus={quote(bad, safe='%')}") == "connect-src 'self'", bad
 
 
-def test_the_overlay_plays_again_after_janus_restarts(setup: Setup, browser) -> None:
+def test_the_overlay_plays_again_after_janus_restarts(janus_setup: JanusSetup, browser) -> None:
     """Janus killed and started again: the publisher makes the mountpoint again with the same id, and the page,
     which said what was wrong meanwhile, plays it again by itself. Unpublished, the page says the mountpoint is
     gone."""
-    daemon, janus = setup.daemon, setup.janus
+    daemon, janus = janus_setup.daemon, janus_setup.janus
     sid = daemon.request("POST", "/v1/streams", TONE)[1]["id"]
     status, body = daemon.request("POST", f"/v1/streams/{sid}/publish", {"janus": janus.url})
     assert status == 201, body

@@ -42,7 +42,8 @@ async def move_stream(request: web.Request, body: dict) -> web.Response:
 
 
 @route("POST", "/v1/drain", "Refuse new streams and move every stream to another daemon, before this one stops",
-       body=MOVE, errors={503: "the daemon is stopping"},
+       body=MOVE, errors={502: "the other daemon cannot be reached, is not a wavecast daemon, or drains itself: "
+                                "nothing was drained, this daemon serves on", 503: "the daemon is stopping"},
        returns={"type": "object", "required": ["to", "streams", "moved", "failed"], "properties": {
            "to": {"type": "string"}, "moved": {"type": "integer"}, "failed": {"type": "integer"},
            "streams": {"type": "array", "description": "each stream's move: as POST /v1/streams/{id}/move answers "

@@ -15,7 +15,7 @@ from wavecast.daemon.api import MAX_BODY_BYTES, ApiError, query_value, route
 from wavecast.daemon.service import Daemon
 from wavecast.streaming.composer import ACTIONS, ComposerGroup, validate_controls
 from wavecast.streaming.controls import ControlError, validate
-from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, SnapshotRefused, Stream, describe
+from wavecast.streaming.engine import EngineSaturated, Group, ModelFailed, Stream, describe
 from wavecast.streaming.snapshot import MEDIA_TYPE, Mismatch, Snapshot, SnapshotError, decode, encode
 
 log = logging.getLogger("wavecast.api")
@@ -126,7 +126,6 @@ STREAM = {
         "provenance": PROVENANCE,
     },
 }
-SNAPSHOT_SECONDS = 5.0  # the most GET /v1/streams/{id}/snapshot waits for the inference thread
 SINCE = {"type": "integer", "minimum": 0, "default": 0,
          "description": "skip the first N notes ever played, to poll for new ones"}
 
@@ -390,14 +389,6 @@ async def stream_notes(request: web.Request) -> web.Response:
 async def stream_snapshot(request: web.Request) -> web.Response:
     d: Daemon = request.app["daemon"]
     stream = d.stream(request)
-    try:  # taken on the inference thread between two ticks
-        snapshot = await asyncio.wait_for(asyncio.wrap_future(d.engine.snapshot(stream)), SNAPSHOT_SECONDS)
-    except SnapshotRefused as e:
-        if stream.id not in d.engine.streams:
-            raise ApiError(404, "unknown_stream", "the stream ended; GET /v1/streams lists them") from None
-        raise ApiError(409, "stream_busy", f"cannot snapshot the stream now: {e}") from None
-    except TimeoutError:
-        raise ApiError(503, "engine_busy", f"the engine took no snapshot within {SNAPSHOT_SECONDS:g} s; retry",
-                       {"Retry-After": "1"}) from None
+    snapshot = await d.snapshot(stream)
     return web.Response(body=encode(snapshot), content_type=MEDIA_TYPE,
                         headers={"Content-Disposition": f'attachment; filename="stream-{stream.id}.wcsnap"'})
