@@ -153,13 +153,10 @@ async def serve(args: argparse.Namespace, token: str | None, events: Events, wat
     guard = Guard(bound=args.host.strip("[]").lower(), hosts=frozenset(h.lower() for h in args.allow_host),
                   origins=frozenset(o.rstrip("/") for o in args.allow_origin), token=token)
     daemon = Daemon(ModelStore(args.store), limits=limits, guard=guard, buffer_frames=args.buffer_frames,
-                    budget=args.tick_budget, encode_budget=args.encode_budget, events=events, watermark=watermark)
+                    budget=args.tick_budget, encode_budget=args.encode_budget, events=events, watermark=watermark,
+                    janus=args.janus)
     await daemon.group(args.model)  # load and check the default model before accepting requests
     daemon.engine.start()
-    if args.janus:
-        from wavecast.daemon.janus import publish_new_streams
-
-        publishing = asyncio.ensure_future(publish_new_streams(daemon, args.janus))
     runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
@@ -180,8 +177,6 @@ async def serve(args: argparse.Namespace, token: str | None, events: Events, wat
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    if args.janus:
-        publishing.cancel()
     await daemon.shutdown()  # listeners hear why before the server goes
     await runner.cleanup()
 

@@ -48,7 +48,6 @@ POLL_TIMEOUT_S = 45.0  # Janus answers a long poll within 30 s (a keepalive even
 KEEPALIVE_S = 25.0  # Janus ends a session after 60 s without a request (session_timeout)
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
-NEW_STREAMS_S = 0.25  # --janus: how often the daemon looks for streams to publish
 NO_SUCH_MOUNTPOINT = 455  # the Streaming plugin's error code
 OPUS_PT = 111
 RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
@@ -388,23 +387,14 @@ class Publisher:
         return destroyed
 
 
-async def publish_new_streams(d: Daemon, url: str) -> None:
-    """`wavecast serve --janus URL`: publish every stream the daemon makes (as POST .../publish without a
-    mountpoint), retrying while Janus cannot be reached. Runs until cancelled."""
-    seen: set[str] = set()
-    while True:
-        for stream in list(d.engine.streams.values()):
-            if stream.id in seen:
-                continue
-            seen.add(stream.id)
-            if stream.id in d.publishers or d.draining:
-                continue
-            try:
-                encoder = d.encoder(stream)
-            except ValueError as e:
-                log.warning("not publishing stream=%s to Janus: %s", stream.id, e)
-                continue
-            publisher = d.publishers[stream.id] = Publisher(stream, url)
-            publisher.attach(encoder)
-        seen &= set(d.engine.streams)
-        await asyncio.sleep(NEW_STREAMS_S)
+def publish_new(d: Daemon, stream: Stream, url: str) -> None:
+    """`wavecast serve --janus URL`: publish a stream the daemon just made (as POST .../publish without a
+    mountpoint), retrying while Janus cannot be reached. A resumed stream is left alone: the move that brought it
+    publishes it with its handover, to the mountpoint its listeners are on."""
+    try:
+        encoder = d.encoder(stream)
+    except ValueError as e:
+        log.warning("not publishing stream=%s to Janus: %s", stream.id, e)
+        return
+    publisher = d.publishers[stream.id] = Publisher(stream, url)
+    publisher.attach(encoder)

@@ -57,8 +57,9 @@ def detector_process() -> None:
 class Daemon:
     def __init__(self, store: ModelStore, *, limits: Limits | None = None, guard: Guard | None = None,
                  buffer_frames: int = BUFFER_FRAMES, budget: float = BUDGET, encode_budget: float = BUDGET,
-                 events: Events | None = None, watermark: Key | None = None) -> None:
+                 events: Events | None = None, watermark: Key | None = None, janus: str | None = None) -> None:
         self.store = store
+        self.janus = janus  # --janus: every new stream is published into this Janus (daemon/janus.py publish_new)
         self.events = events or load_events()  # the stings and moods streams can be sent
         self.limits = limits = limits or Limits()
         self.guard = guard or Guard()

@@ -52,7 +52,7 @@ def wait_for_state(daemon: Server, sid: str, state: str, seconds: float) -> dict
         status, body = daemon.request("GET", f"/v1/streams/{sid}/publish")
         if status == 200 and body["state"] == state:
             return body
-        assert status in (200, 404), body  # 404: --janus has not found the stream yet
+        assert status == 200, body
         time.sleep(0.1)
     raise AssertionError(f"the publisher did not reach {state}: {body}")
 

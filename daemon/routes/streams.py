@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from wavecast.daemon.api import MAX_BODY_BYTES, ApiError, query_value, route
+from wavecast.daemon.janus import publish_new
 from wavecast.daemon.service import Daemon
 from wavecast.streaming.composer import ACTIONS, ComposerGroup, validate_controls
 from wavecast.streaming.controls import ControlError, validate
@@ -236,6 +237,8 @@ async def create_stream(request: web.Request, body: dict) -> web.Response:
                                             "restart brings it back)") from None
     stream.name = body.get("name")
     log.info("stream created id=%s model=%s composer=%s seed=%s", stream.id, name, composer_name, seed)
+    if d.janus is not None:
+        publish_new(d, stream, d.janus)
     await _record_stream(d, serial, stream)
     return web.json_response(d.stream_info(stream), status=201)
 
