@@ -624,9 +624,8 @@ class Engine:
             if voice is not None and voice.group.failure is not None:
                 raise SnapshotRefused(f"the stream's composer has failed ({voice.group.failure})")
 
-            def states(pool: StatePool, at: int) -> dict[str, np.ndarray]:
-                return {s.name: pool.pool[s.name][StatePool._index(s.batch_axis, slice(at, at + 1))].copy()
-                        for s in pool.states}
+            def states(pool: StatePool, at: int) -> dict[str, np.ndarray]:  # copies: gather's buffer is reused
+                return {name: state.copy() for name, state in pool.gather(np.array([at], np.intp)).items()}
 
             c, d = group.controls, group.duck
             return Snapshot(
