@@ -776,12 +776,11 @@ def add_composer_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="music21 corpus collections to learn from (default: those whose licence allows a shipped "
                         "model: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few tunes and few steps: a working model in ~1 min")
-    p.add_argument("--steps", type=number(int, 1, 10_000_000), help="training steps (default 2500, quick 300)")
+    p.add_argument("--steps", type=number(int, 1, 10_000_000), help="training steps (default 4000, quick 600)")
     p.add_argument("--batch", type=number(int, 1, 4096), help="sequences per step (default 32, quick 16)")
     p.add_argument("--length", type=number(int, 2, 10_000), help="events per training sequence (default 64, quick 32)")
-    p.add_argument("--hidden", type=number(int, 8, 4096), default=256, help="LSTM width (default: %(default)s)")
-    p.add_argument("--lr", type=number(float, 1e-7, 1.0), default=3e-3,
-                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--hidden", type=number(int, 8, 4096), help="LSTM width (default 256, quick 128)")
+    p.add_argument("--lr", type=number(float, 1e-7, 1.0), help="peak learning rate (default 0.003, quick 0.008)")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for init, batches and augmentation")
     add_run_arguments(p, "corpus cache and checkpoints")
 
@@ -897,7 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     ti.set_defaults(func=cmd_train)
     tc = tsub.add_parser("composer", help="a note-level LSTM that writes melodies (music21 folk corpus)",
                          description="Parse the music21 folk corpus, train the note-level LSTM composer, export, "
-                                     "verify (parity; held-out NLL against unigram and bigram baselines), publish.")
+                                     "verify (parity; held-out NLL against unigram and key-relative Markov "
+                                     "baselines), publish.")
     add_composer_train_arguments(tc)
     tc.set_defaults(func=cmd_train)
     for kind in (ti, tc):

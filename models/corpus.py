@@ -46,7 +46,10 @@ COLLECTIONS = {
 }
 SHIPPABLE = tuple(name for name, c in COLLECTIONS.items() if c.shippable)
 CORPUS_VERSION = 1  # bump when extraction changes, so old caches are not reused
-HELDOUT_EVERY = 20  # one tune in 20 (by a hash of its id) is held out
+HELDOUT_EVERY = 20  # one tune family in 20 (by a hash of its content) is held out
+SHINGLE = 8  # intervals in the n-grams that compare two tunes' melodies
+SAME_TUNE = 0.5  # Jaccard similarity of interval n-grams from which two tunes count as one (another edition)
+COMMON_SHINGLE = 40  # an n-gram in more tunes than this (a scale run) proposes no pairs; it still counts
 
 
 @dataclass
@@ -60,14 +63,58 @@ class Tune:
     events: list[tuple[int | None, float]]  # (MIDI pitch or None for a rest, quarter notes)
 
     @property
-    def heldout(self) -> bool:
-        return int(hashlib.sha256(self.id.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0
+    def contour(self) -> tuple[int, ...]:
+        """Semitone steps between its consecutive notes (rests left out): the melody whatever its key."""
+        pitches = [m for m, _ in self.events if m is not None]
+        return tuple(b - a for a, b in zip(pitches, pitches[1:], strict=False))
 
     @property
     def triple(self) -> bool:
         """Compound or triple metre (6/8, 9/8, 3/4, 3/2): the metre tag the composer is conditioned on."""
         top = int(self.metre.split("/")[0]) if self.metre[:1].isdigit() else 4
         return top % 3 == 0
+
+
+def families(tunes: list[Tune]) -> list[int]:
+    """A family number for each tune: tunes whose contours are equal (the same tune in another key) or share
+    at least SAME_TUNE of their interval n-grams (another edition, a variant, the same tune in two
+    collections) are one family, transitively. Families are what a held-out split must keep apart."""
+    parent = list(range(len(tunes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    grams = [{c[k : k + SHINGLE] for k in range(max(1, len(c) - SHINGLE + 1))} for c in (t.contour for t in tunes)]
+    holders: dict[tuple[int, ...], list[int]] = {}
+    for i, g in enumerate(grams):
+        for gram in g:
+            holders.setdefault(gram, []).append(i)
+    pairs = {(m[a], m[b]) for m in holders.values() if len(m) <= COMMON_SHINGLE
+             for a in range(len(m)) for b in range(a + 1, len(m))}
+    same: dict[tuple[int, ...], int] = {}
+    for i, t in enumerate(tunes):
+        pairs.add((same.setdefault(t.contour, i), i))
+    for a, b in pairs:
+        if a != b and len(grams[a] & grams[b]) >= SAME_TUNE * len(grams[a] | grams[b]):
+            parent[find(a)] = find(b)
+    return [find(i) for i in range(len(tunes))]
+
+
+def heldout_split(tunes: list[Tune]) -> list[bool]:
+    """Which tunes are held out: whole families (see `families`), one in HELDOUT_EVERY, chosen by a hash of
+    the family's content (its smallest contour), so the split depends on the melodies, not on ids, order or
+    which collections were loaded. A corpus whose hash holds none out holds out the family of its last tune."""
+    family = families(tunes)
+    key: dict[int, tuple[int, ...]] = {}
+    for f, t in zip(family, tunes, strict=True):
+        key[f] = min(key.get(f, t.contour), t.contour)
+    held = {f: int(hashlib.sha256(repr(k).encode()).hexdigest(), 16) % HELDOUT_EVERY == 0 for f, k in key.items()}
+    if tunes and not any(held.values()):
+        held[family[-1]] = True
+    return [held[f] for f in family]
 
 
 def load(collections: tuple[str, ...] = SHIPPABLE, tunes_per_collection: int | None = None,

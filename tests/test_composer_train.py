@@ -19,16 +19,16 @@ from wavecast.streaming.model import ModelError
 needs_torch = pytest.mark.skipif(find_spec("torch") is None, reason="training needs the 'train' extra: ./install train")
 
 
-def composer_verification(nll: float, bigram: float, parity: float = 1e-6) -> dict:
+def composer_verification(nll: float, markov: float, parity: float = 1e-6) -> dict:
     return {"parity": {"max_abs_logits": parity, "steps": 96}, "parity_limit": 1e-4,
-            "quality": {"nll": nll, "unigram_nll": 4.0, "bigram_nll": bigram, "nll_ratio_to_bigram": nll / bigram},
-            "thresholds": {"nll_ratio_to_bigram": ["below", 1.0]}}
+            "quality": {"nll": nll, "unigram_nll": 4.0, "markov3_nll": markov, "nll_ratio_to_markov3": nll / markov},
+            "thresholds": {"nll_ratio_to_markov3": ["below", 1.0]}}
 
 
-def test_gate_refuses_a_composer_that_does_not_beat_the_bigram() -> None:
+def test_gate_refuses_a_composer_that_does_not_beat_the_markov_chain() -> None:
     assert gate(composer_verification(2.0, 3.0), "composer") == []
     problems = gate(composer_verification(3.0, 3.0), "composer")
-    assert len(problems) == 1 and problems[0].startswith("nll_ratio_to_bigram")
+    assert len(problems) == 1 and problems[0].startswith("nll_ratio_to_markov3")
     assert any(p.startswith("parity: max_abs_logits") for p in gate(composer_verification(2.0, 3.0, 1e-3),
                                                                      "composer"))
     # A composer's block has no pitch check and no audio parity; read as an instrument's it fails on both.
@@ -87,8 +87,9 @@ def test_quick_training_writes_a_verified_composer(tmp_path: Path) -> None:
     v = m.verification
     assert v["parity"]["steps"] >= 64 and v["parity"]["batch"] == 3 and v["parity"]["max_abs_logits"] < 1e-4
     q = v["quality"]
-    assert all(math.isfinite(q[k]) for k in ("nll", "unigram_nll", "bigram_nll"))
-    assert q["nll"] < q["bigram_nll"] < q["unigram_nll"] and q["heldout_events"] > 0
+    assert all(math.isfinite(q[k]) for k in ("nll", "unigram_nll", "markov2_nll", "markov3_nll"))
+    assert q["nll"] < q["markov3_nll"] < q["unigram_nll"] and q["markov2_nll"] < q["unigram_nll"]
+    assert q["heldout_events"] > 0
     assert gate(v, "composer") == []
     # One step from the START state, as the sampler begins a melody.
     tokens = np.full((2, 1, 2), START, np.int64)
@@ -97,13 +98,13 @@ def test_quick_training_writes_a_verified_composer(tmp_path: Path) -> None:
     assert pitch.shape == (2, 1, PITCH_TOKENS) and duration.shape == (2, 1, len(DURATIONS))
     assert np.isfinite(pitch).all() and set(states) == {"h", "c"}
     assert list((work / "runs").glob("quick-folk-*.pt")) == []  # a finished run leaves no checkpoint behind
-    # Publishing checks it through the composer contract; one that does not beat the bigram is refused.
+    # Publishing checks it through the composer contract; one that does not beat the Markov chain is refused.
     store = ModelStore(tmp_path / "store", shipped=tmp_path / "no-shipped")
     entry = store.publish(out)
     assert entry.manifest.kind == "composer" and entry.manifest.version == 1
     ComposerModel(entry.directory)
     raw = json.loads((out / "model.json").read_text())
-    raw["verification"]["quality"]["nll_ratio_to_bigram"] = 1.02
+    raw["verification"]["quality"]["nll_ratio_to_markov3"] = 1.02
     (out / "model.json").write_text(json.dumps(raw))
-    with pytest.raises(ModelError, match="nll_ratio_to_bigram"):
+    with pytest.raises(ModelError, match="nll_ratio_to_markov3"):
         store.publish(out)

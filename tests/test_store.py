@@ -146,9 +146,9 @@ def test_a_forged_manifest_missing_a_required_metric_is_refused(tmp_path: Path) 
             r"parity: verification.parity_limit is missing")
     refused(store, candidate(tmp_path, lambda raw: raw.pop("verification"), name="unverified"),
             r"verification.parity_limit is missing.*no quality thresholds")
-    refused(store, candidate(tmp_path, lambda raw: raw["verification"]["quality"].pop("nll_ratio_to_bigram"),
+    refused(store, candidate(tmp_path, lambda raw: raw["verification"]["quality"].pop("nll_ratio_to_markov3"),
                              model="folk", name="composer"),
-            r"nll_ratio_to_bigram: verification.quality.nll_ratio_to_bigram is missing")
+            r"nll_ratio_to_markov3: verification.quality.nll_ratio_to_markov3 is missing")
     assert published(store) == [] and published(store, "folk") == []
 
 
@@ -172,10 +172,10 @@ def test_composer_gate_is_the_stores(tmp_path: Path) -> None:
     store = store_of(tmp_path)
 
     def lax(raw: dict) -> None:
-        raw["verification"]["thresholds"]["nll_ratio_to_bigram"] = ["below", 5.0]
-        raw["verification"]["quality"]["nll_ratio_to_bigram"] = 2.0
+        raw["verification"]["thresholds"]["nll_ratio_to_markov3"] = ["below", 5.0]
+        raw["verification"]["quality"]["nll_ratio_to_markov3"] = 2.0
 
-    refused(store, candidate(tmp_path, lax, model="folk", name="lax"), r"nll_ratio_to_bigram: 2 is not below 1\b")
+    refused(store, candidate(tmp_path, lax, model="folk", name="lax"), r"nll_ratio_to_markov3: 2 is not below 1\b")
     refused(store, candidate(tmp_path, lambda raw: raw["verification"].update(
         parity_limit=1.0, parity={**raw["verification"]["parity"], "max_abs_logits": 0.5}), model="folk", name="p"),
         r"parity: max_abs_logits 0.5 against limit 0.0001")
