@@ -130,10 +130,17 @@ def build(recipe: Recipe, cache_dir: Path, progress: Callable[[str], None] | Non
     return Dataset(recipe, performances[:split], performances[split:])
 
 
-def render_one(recipe: Recipe, index: int, cache_dir: Path) -> Performance:
-    """Performance `index` of the recipe alone, exactly as `build` renders it (not cached)."""
-    tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir) if recipe.melodies else []
+def render_one(recipe: Recipe, index: int, cache_dir: Path, tunes: list[corpus.Tune] | None = None) -> Performance:
+    """Performance `index` of the recipe alone, exactly as `build` renders it (not cached); with `tunes`, its
+    melody phrases come from those tunes instead of the recipe's (held-out performances)."""
+    if tunes is None:
+        tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir) if recipe.melodies else []
     return _performance(recipe, index, _gain(recipe), tunes)
+
+
+def render_midi_file(path: Path, samples: int, gain: float = _PROBE_GAIN) -> np.ndarray:
+    """A MIDI file rendered as the training data is (FluidSynth, dry, mono float32, `samples` long)."""
+    return _render(mido.MidiFile(path), samples, gain)
 
 
 def _gain(recipe: Recipe) -> float:

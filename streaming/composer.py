@@ -4,9 +4,9 @@
 ``features [B,T,FEATURES]`` (streaming.notes) and ``state_in.h/c``; outputs ``pitch_logits``,
 ``duration_logits`` and ``state_out.h/c``. A `Voice` is one stream's composing state: its controls, a
 seeded generator for sampling (separate from the audio noise), the bar position and the note being played;
-its performer turns notes into the instrument's per-frame f0 and loudness (attack and release envelopes,
-portamento between slurred notes, vibrato on long notes). The engine runs one batched composer call per
-tick for every voice whose next note starts at that frame, so composing costs one step per note.
+its `Performer` (streaming.performer) turns the notes into the instrument's per-frame f0 and loudness. The
+engine runs one batched composer call per tick for every voice whose next note starts at that frame, so
+composing costs one step per note.
 
 Sampling shapes what the model proposes: `form` replays earlier bars note for note (forced through the
 model, which still steps on them, so its state follows the melody) and makes phrase endings cadence by
@@ -48,13 +48,8 @@ from wavecast.streaming.notes import (
     scale_mask,
     token_midi,
 )
+from wavecast.streaming.performer import DEFAULT_ARTICULATION, Articulation, Performer, Phrasing
 
-FLOOR_DB = -80.0  # loudness of silence
-ATTACK_SECONDS = 0.03
-RELEASE_SECONDS = 0.05
-GLIDE_SECONDS = 0.04  # portamento between slurred notes
-VIBRATO_HZ, VIBRATO_CENTS, VIBRATO_AFTER_SECONDS = 5.5, 30.0, 0.25
-REARTICULATE_DB = 9.0  # dip between two slurred notes of the same pitch, so the second one is heard
 METRES = {"4/4": (4.0, False), "2/4": (2.0, False), "3/4": (3.0, True), "6/8": (3.0, True)}  # bar, triple
 ACTIONS = ("play", "pause", "reset")
 # Form: 8-bar periods (a question and an answer phrase of 4 bars) of four 2-bar motifs, one letter each; a motif
@@ -307,13 +302,14 @@ class Voice:
     else runs on the inference thread."""
 
     def __init__(self, group: ComposerGroup, seed: int, controls: Mapping[str, Any], f0_range: tuple[float, float],
-                 frame_seconds: float, keep_notes: int | None = 2000, loudness_max: float = 0.0) -> None:
+                 frame_seconds: float, keep_notes: int | None = 2000, loudness_max: float = 0.0,
+                 articulation: Articulation = DEFAULT_ARTICULATION) -> None:
         self.group = group
         self.seed = seed
         self.settings = {**control_defaults(), **controls}
         self.f0_range = f0_range
-        self.loudness_max = loudness_max  # the instrument's top: an accent never asks for more
         self.frame_seconds = frame_seconds
+        self.performer = Performer(seed, articulation, f0_range, loudness_max, frame_seconds)
         self.slot: int | None = None
         self.notes: list[Note] = []  # the last `keep_notes` at least (all with None)
         self.keep_notes = keep_notes
@@ -324,11 +320,6 @@ class Voice:
         self._restart()
         self.frame = 0  # the frame being made
         self.note: Note | None = None  # the note sounding or resting now
-        self.start_frame = self.off_frame = 0  # where the current note starts and its release starts
-        self.level = FLOOR_DB  # loudness target of the current note
-        self.glide_from: float | None = None  # f0 a slurred note glides from
-        self.rearticulate = False  # slurred onto the same pitch: dip and attack again
-        self.out = np.array([f0_range[0], FLOOR_DB], np.float32)  # f0, loudness of the current frame
 
     def _restart(self) -> None:
         self.rng = np.random.Generator(np.random.PCG64([self.seed, 1]))
@@ -341,6 +332,11 @@ class Voice:
         self.recording: dict[str, Any] | None = None  # the bar being played, the same way
         self.recording_bar = -1  # its index in the piece, from 0
         self.replay: list[list[int]] = []  # what is left of the bar being replayed
+
+    def instrument(self, f0_range: tuple[float, float], loudness_max: float, articulation: Articulation) -> None:
+        """Write and play for another instrument from the next note on (inference thread)."""
+        self.f0_range = f0_range
+        self.performer.instrument(articulation, f0_range, loudness_max)
 
     # -- any thread ----------------------------------------------------------------------------------
     def set(self, values: Mapping[str, Any]) -> None:
@@ -375,27 +371,22 @@ class Voice:
         return {"settings": dict(self.settings), "rng": self.rng.bit_generator.state,
                 "previous": [int(t) for t in self.previous], "position": self.position, "next_time": self.next_time,
                 "frame": self.frame, "note": None if note is None else asdict(note),
-                "start_frame": int(self.start_frame), "off_frame": int(self.off_frame), "level": float(self.level),
-                "glide_from": None if self.glide_from is None else float(self.glide_from),
-                "rearticulate": bool(self.rearticulate), "out": [float(v) for v in self.out], "paused": self.paused,
+                "performer": self.performer.export(), "paused": self.paused,
                 "actions": actions, "count": count, "bars": [None if b is None else _copy_bar(b) for b in self.bars],
                 "recording": None if self.recording is None else _copy_bar(self.recording),
                 "recording_bar": self.recording_bar, "replay": [list(e) for e in self.replay]}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take up where `export` left off (its fields checked by streaming/snapshot.py), before the voice's
-        first frame. glide_from was one of `out`'s float32 values and is again, so the glide's arithmetic is
-        the same to the bit."""
+        first frame."""
         self.settings = dict(state["settings"])
         self.rng = np.random.Generator(np.random.PCG64())
         self.rng.bit_generator.state = state["rng"]
         self.previous = np.array(state["previous"], np.int64)
         self.position, self.next_time, self.frame = state["position"], state["next_time"], state["frame"]
         self.note = None if state["note"] is None else Note(**state["note"])
-        self.start_frame, self.off_frame, self.level = state["start_frame"], state["off_frame"], state["level"]
-        self.glide_from = None if state["glide_from"] is None else np.float32(state["glide_from"])
-        self.rearticulate, self.paused = state["rearticulate"], state["paused"]
-        self.out = np.array(state["out"], np.float32)
+        self.performer.restore(state["performer"])
+        self.paused = state["paused"]
         self.bars = [None if b is None else _copy_bar(b) for b in state["bars"]]
         self.recording = None if state["recording"] is None else _copy_bar(state["recording"])
         self.recording_bar, self.replay = state["recording_bar"], [list(e) for e in state["replay"]]
@@ -415,14 +406,16 @@ class Voice:
         for action in actions:
             if action == "pause" and not self.paused:
                 self.paused = True
-                self.off_frame = min(self.off_frame, frame)
+                self.performer.release(frame)
             elif action == "play" and self.paused:
                 self.paused = False
                 self.next_time = None
             elif action == "reset":  # release the note, then begin the piece again from the seed
-                self.off_frame = min(self.off_frame, frame)
+                self.performer.release(frame)
                 self._restart()
-                self.next_time = (frame + round(RELEASE_SECONDS / self.frame_seconds)) * self.frame_seconds
+                self.performer.reset()
+                release = self.performer.articulation.release_seconds
+                self.next_time = (frame + round(release / self.frame_seconds)) * self.frame_seconds
                 if self.slot is not None:
                     self.group.pool.reset(self.slot)
         self.frame = frame
@@ -525,21 +518,17 @@ class Voice:
         if self.recording is not None:
             self.recording["events"].append([pitch, duration])
         quarters = DURATIONS[duration]
-        previous = self.note
         beat = self.position % bar + 1.0
         self.next_time += quarters * 60.0 / s["tempo"]
         end = round(self.next_time / self.frame_seconds)
         note = Note(self.frame, end - self.frame, token_midi(pitch), quarters, int(self.position // bar) + 1, beat,
                     s["scale"], s["tempo"], s["metre"])
+        phrase = (index % PHRASE_BARS + offset / bar) / PHRASE_BARS
+        self.performer.play(Phrasing(note.frame, note.frames, note.midi, quarters, offset < EPS, phrase),
+                            s["volume"], s["legato"])
         self.previous = np.array([pitch, duration], np.int64)
         self.position += quarters
-        sounding = max(1, round((end - self.frame) * (0.5 + 0.5 * s["legato"])))
-        slurred = previous is not None and previous.midi is not None and self.off_frame >= self.frame
-        self.glide_from = self.out[0] if slurred and note.midi is not None else None
-        self.rearticulate = slurred and previous.midi == note.midi
-        self.note, self.start_frame, self.off_frame = note, self.frame, self.frame + sounding
-        accent = 2.0 if note.beat == 1.0 else 0.0
-        self.level = min(s["volume"] + accent + self.rng.uniform(-1.5, 1.5), self.loudness_max)
+        self.note = note
         with self._lock:
             self.notes.append(note)
             self.count += 1
@@ -548,28 +537,7 @@ class Voice:
 
     def frame_controls(self, frame: int) -> np.ndarray:
         """f0 (Hz) and loudness (dB) for this frame."""
-        note, fs = self.note, self.frame_seconds
-        if note is None or note.midi is None:
-            self.out[1] = max(FLOOR_DB, self.out[1] - 60.0 * fs / RELEASE_SECONDS)  # release into the rest
-            return self.out
-        target = 440.0 * 2.0 ** ((note.midi - 69) / 12)
-        since = (frame - self.start_frame) * fs
-        f0 = target
-        if self.glide_from is not None and since < GLIDE_SECONDS:
-            f0 = self.glide_from * (target / self.glide_from) ** (since / GLIDE_SECONDS)
-        depth = self.settings["vibrato"] * VIBRATO_CENTS
-        if depth and since > VIBRATO_AFTER_SECONDS:
-            ramp = min(1.0, (since - VIBRATO_AFTER_SECONDS) / 0.2)
-            f0 *= 2.0 ** (ramp * depth / 1200 * math.sin(2 * math.pi * VIBRATO_HZ * (since - VIBRATO_AFTER_SECONDS)))
-        self.out[0] = min(max(f0, self.f0_range[0]), self.f0_range[1])
-        if frame >= self.off_frame:  # release
-            self.out[1] = max(FLOOR_DB, self.out[1] - 60.0 * fs / RELEASE_SECONDS)
-        elif self.glide_from is not None and not self.rearticulate:
-            self.out[1] = self.level  # slurred: no new attack
-        else:
-            start = self.level - REARTICULATE_DB if self.rearticulate else FLOOR_DB
-            self.out[1] = start + (self.level - start) * min(1.0, (since + fs) / ATTACK_SECONDS)
-        return self.out
+        return self.performer.frame(frame, self.settings["vibrato"])
 
 
 def compose_notes(composer: ComposerModel, seconds: float, seed: int, controls: Mapping[str, Any],

@@ -40,12 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from wavecast.streaming.composer import FLOOR_DB, ComposerGroup, ComposerModel, Note, Voice
+from wavecast.streaming.composer import ComposerGroup, ComposerModel, Note, Voice
 from wavecast.streaming.controls import Controls
 from wavecast.streaming.events import Duck, Sting, midi_of, nearest_scale, register_midi, sting_key
 from wavecast.streaming.model import FrameModel, Manifest, PoolFull, StatePool
 from wavecast.streaming.noise import shared_table, stream_key
 from wavecast.streaming.notes import Scale
+from wavecast.streaming.performer import FLOOR_DB, articulation_of
 from wavecast.streaming.provenance import provenance
 from wavecast.streaming.ring import Reader, Rings
 from wavecast.streaming.snapshot import ModelRef, Snapshot, check
@@ -524,7 +525,7 @@ class Engine:
         if composer is not None:
             f0 = group.manifest.control("f0")
             voice = Voice(composer, seed, controls, (f0.min, f0.max), group.manifest.frame_seconds, keep_notes,
-                          group.manifest.control("loudness").max)
+                          group.manifest.control("loudness").max, articulation_of(group.manifest))
             try:
                 voice.slot = composer.pool.allocate()
             except PoolFull:
@@ -740,8 +741,8 @@ class Engine:
         group.streams[slot] = stream
         if stream.voice is not None:  # the composer writes for the new instrument's range from its next note
             f0 = group.manifest.control("f0")
-            stream.voice.f0_range = (f0.min, f0.max)
-            stream.voice.loudness_max = group.manifest.control("loudness").max
+            stream.voice.instrument((f0.min, f0.max), group.manifest.control("loudness").max,
+                                    articulation_of(group.manifest))
         old.rings.move(old_slot, group.rings, slot)
         stream.group, stream.slot = group, slot
         old.composed[old_slot] = False

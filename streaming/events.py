@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from wavecast.streaming.composer import ATTACK_SECONDS, FLOOR_DB, RELEASE_SECONDS, ControlError, validate_controls
+from wavecast.streaming.composer import ControlError, validate_controls
 from wavecast.streaming.notes import MODES, REGISTERS, Scale
+from wavecast.streaming.performer import FLOOR_DB
 
 SHIPPED_EVENTS = Path(__file__).with_name("events.json")
 STING_SECONDS = (1.0, 3.0)  # a sting's phrase lasts this long, whatever the tempo
 STING_ARTICULATION = 0.85  # share of each note that sounds before its release
+ATTACK_SECONDS, RELEASE_SECONDS = 0.03, 0.05  # a sting's notes are crisp on any instrument: it punctuates
 STING_LEAD_FRAMES = 3  # silent frames a sting's voice runs before its first note (its LSTM settles)
 DUCK_DOWN_SECONDS, DUCK_UP_SECONDS = 0.08, 0.4
 DUCK_DB = (-60.0, 0.0)

@@ -7,7 +7,7 @@ watermark is not carried: the resuming daemon marks with its own key and a seria
 it is audio: the marker's delay line, the last DELAY samples the model made and the marked output has not played
 yet (none when the snapshotted stream was not marked).
 
-The format (version 1), all integers little-endian:
+The format (version 2), all integers little-endian:
 
     MAGIC (8 bytes)  format version (u32)  body length (u64)  sha256 of the body (32 bytes)
     body: header length (u32), the header (UTF-8 JSON), then each tensor's raw bytes in the header's order
@@ -36,7 +36,7 @@ from wavecast.streaming.notes import DURATIONS, PITCH_TOKENS, REGISTERS, START
 from wavecast.streaming.watermark import DELAY
 
 MAGIC = b"\x89WCSNAP\n"  # the high byte and the newline catch a file mangled as text
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the performer's fields (streaming/performer.py) in their own object
 PREFIX = struct.Struct("<8sIQ32s")  # magic, format version, body length, sha256 of the body
 HEADER_LENGTH = struct.Struct("<I")
 MEDIA_TYPE = "application/vnd.wavecast.snapshot"
@@ -46,16 +46,21 @@ NUMBER = (int, float)
 NOTE_FIELDS = {"frame": int, "frames": int, "midi": (int, type(None)), "quarters": NUMBER, "bar": int,
                "beat": NUMBER, "scale": str, "tempo": NUMBER, "metre": str}
 VOICE_FIELDS = {"settings": dict, "rng": dict, "previous": list, "position": NUMBER,
-                "next_time": (*NUMBER, type(None)), "frame": int, "note": (dict, type(None)), "start_frame": int,
-                "off_frame": int, "level": NUMBER, "glide_from": (*NUMBER, type(None)), "rearticulate": bool,
-                "out": list, "paused": bool, "actions": list, "count": int, "bars": list,
+                "next_time": (*NUMBER, type(None)), "frame": int, "note": (dict, type(None)), "performer": dict,
+                "paused": bool, "actions": list, "count": int, "bars": list,
                 "recording": (dict, type(None)), "recording_bar": int, "replay": list}
+PERFORMER_FIELDS = {"rng": dict, "note": (dict, type(None)), "off_frame": int, "level": NUMBER, "onset": NUMBER,
+                    "attack": NUMBER, "glide_from": (*NUMBER, type(None)), "fall": NUMBER, "out": list}
+PHRASING_FIELDS = {"frame": int, "frames": int, "midi": (int, type(None)), "quarters": NUMBER, "downbeat": bool,
+                   "phrase": NUMBER}
 FRAMES = (0, 2**62)
 CONTROL_BOUND = 1e9  # as the API's: no control takes more, and float32 holds it
 # what a sound voice holds, generously: a value outside makes no music (and float32 infinities, not sound)
-VOICE_BOUNDS = {"position": (0.0, 1e9), "next_time": (0.0, 1e12), "frame": FRAMES, "start_frame": FRAMES,
-                "off_frame": FRAMES, "level": (-200.0, 20.0), "glide_from": (1e-3, 1e5), "count": FRAMES,
+VOICE_BOUNDS = {"position": (0.0, 1e9), "next_time": (0.0, 1e12), "frame": FRAMES, "count": FRAMES,
                 "recording_bar": (-1, 2**62)}
+PERFORMER_BOUNDS = {"off_frame": FRAMES, "level": (-200.0, 20.0), "onset": (-200.0, 20.0), "attack": (1e-4, 10.0),
+                    "glide_from": (1e-3, 1e5), "fall": (0.0, 200.0)}
+PHRASING_BOUNDS = {"frame": FRAMES, "frames": FRAMES, "midi": (0, 127), "quarters": (1e-3, 64.0), "phrase": (0.0, 1.0)}
 BAR_EVENTS = 64  # a bar's notes at most (a 4/4 bar holds 16 sixteenths)
 NOTE_BOUNDS = {"frame": FRAMES, "frames": FRAMES, "midi": (0, 127), "quarters": (1e-3, 64.0), "bar": (1, 2**62),
                "beat": (1.0, 64.0)}
@@ -151,7 +156,8 @@ def decode(data: bytes) -> Snapshot:
                             "bytes of GET /v1/streams/{id}/snapshot unchanged")
     if version != FORMAT_VERSION:
         raise SnapshotError(f"the snapshot has format version {version}; this wavecast reads version "
-                            f"{FORMAT_VERSION}: resume it with the wavecast that took it, or a newer one")
+                            f"{FORMAT_VERSION} only: resume it with a wavecast of the same version as the one that "
+                            "took it")
     body = memoryview(data)[PREFIX.size :]
     if len(body) < length:
         raise SnapshotError(f"the snapshot is truncated: its body has {len(body)} of {length} bytes; send all of it")
@@ -350,15 +356,12 @@ def _voice(raw: Any) -> dict[str, Any]:
                             f"({', '.join(control_defaults())})")
     voice["settings"] = settings
     _bounded(voice, VOICE_BOUNDS, "voice.")
-    previous, out = voice["previous"], voice["out"]
+    voice["performer"] = _performer(voice["performer"])
+    previous = voice["previous"]
     if len(previous) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) for t in previous) or \
             not (0 <= previous[0] < PITCH_TOKENS or previous[0] == START) or \
             not (0 <= previous[1] < len(DURATIONS) or previous[1] == START):
         raise SnapshotError("the snapshot's field 'voice.previous' must be [pitch token, duration token]")
-    if len(out) != 2 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in out) or \
-            not (1e-3 <= out[0] <= 1e5 and -200.0 <= out[1] <= 20.0):
-        raise SnapshotError("the snapshot's field 'voice.out' must be [f0, loudness]: Hz from 0.001 to 100000, dB "
-                            "from -200 to 20")
     if len(voice["bars"]) != PERIOD_BARS:
         raise SnapshotError(f"the snapshot's field 'voice.bars' must hold {PERIOD_BARS} bars (each null or a bar)")
     for i, bar in enumerate(voice["bars"]):
@@ -380,8 +383,29 @@ def _voice(raw: Any) -> dict[str, Any]:
         except ControlError as e:
             raise SnapshotError(f"the snapshot's field 'voice.note': {e}") from None
         voice["note"] = note
-    try:
-        np.random.PCG64().state = voice["rng"]
-    except (TypeError, ValueError, KeyError, OverflowError):
-        raise SnapshotError("the snapshot's field 'voice.rng' is not a PCG64 generator's state") from None
+    _generator(voice["rng"], "voice.rng")
     return voice
+
+
+def _performer(raw: Any) -> dict[str, Any]:
+    """The voice's performer as `Performer.restore` takes it, every field checked."""
+    performer = {k: _need(raw, k, kind, "voice.performer.") for k, kind in PERFORMER_FIELDS.items()}
+    _bounded(performer, PERFORMER_BOUNDS, "voice.performer.")
+    out = performer["out"]
+    if len(out) != 2 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in out) or \
+            not (1e-3 <= out[0] <= 1e5 and -200.0 <= out[1] <= 20.0):
+        raise SnapshotError("the snapshot's field 'voice.performer.out' must be [f0, loudness]: Hz from 0.001 to "
+                            "100000, dB from -200 to 20")
+    if performer["note"] is not None:
+        note = {k: _need(performer["note"], k, kind, "voice.performer.note.") for k, kind in PHRASING_FIELDS.items()}
+        _bounded(note, PHRASING_BOUNDS, "voice.performer.note.")
+        performer["note"] = note
+    _generator(performer["rng"], "voice.performer.rng")
+    return performer
+
+
+def _generator(state: dict, at: str) -> None:
+    try:
+        np.random.PCG64().state = state
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise SnapshotError(f"the snapshot's field '{at}' is not a PCG64 generator's state") from None

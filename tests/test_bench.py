@@ -84,3 +84,19 @@ def test_composer_bench_quick(tmp_path: Path) -> None:
     assert all(positive(row["per_note_us"]) for row in r["step_cost"])
     assert Path(r["midi"]).read_bytes().startswith(b"MThd") and Path(r["wav"]).stat().st_size > 0
     assert png.stat().st_size > 0 if isinstance(r["plot"], str) else "skipped" in r["plot"]
+
+
+def test_musicality_bench_composed_minutes(tmp_path: Path) -> None:
+    """One composed minute per instrument beside FluidSynth; the other parts have runs of their own."""
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "bench/musicality.py", "--seeds", "1", "--skip", "headroom", "composer",
+                           "instruments", "--out", str(out), "--img", str(png)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "in-phrase frames below -60 dBFS" in proc.stdout
+    c = json.loads(out.read_text())["composed"]
+    assert c["minutes"] == 4 and c["in_phrase_silent_fraction"] <= 0.02
+    assert 0 < c["repeated_bar_fraction"] <= 1 and 0 < c["tonic_ending_fraction"] <= 1
+    assert all(positive(r["mfcc_frechet"]["to_fluidsynth"]) for r in c["rows"] if "mfcc_frechet" in r)
+    assert png.stat().st_size > 0

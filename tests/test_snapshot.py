@@ -182,7 +182,7 @@ def test_bad_bytes_are_refused_with_reasons(violin: FrameModel, cello: FrameMode
     flipped = bytearray(data)
     flipped[-100] ^= 0x01
     refused(bytes(flipped), "checksum")
-    refused(MAGIC + struct.pack("<I", 9) + data[12:], "format version 9; this wavecast reads version 1")
+    refused(MAGIC + struct.pack("<I", 9) + data[12:], "format version 9; this wavecast reads version 2 only")
     refused(data + b"\0", "after its end")
 
     # sound bytes, wrong contents: a header field of the wrong type, a tensor of the wrong shape

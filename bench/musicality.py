@@ -1,0 +1,404 @@
+"""Does a composed stream sound played and composed? Every figure of issue 19 in one run.
+
+Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/musicality.py [--seeds 5] [--out FILE]
+(the 'train' and 'bench' extras; FluidSynth and FluidR3_GM as for training). Prints a table of figures
+against their targets and writes JSON (default bench/out/musicality.json) and bench/img/musicality.png.
+
+- headroom: samples at |x| >= 0.999 and the peak, at the loudest documented settings (a composed stream at
+  volume 0, tempo 160, density 1; a plain stream at the top of loudness at the bottom, middle and top of f0).
+- composed minutes: every shipped instrument x `--seeds` seeds (tempo, scale and metre varied by seed), each
+  60 s rendered through the engine as a live stream, and the same notes played by FluidSynth on the
+  instrument's GM program (each note held to the next one's start, as written):
+  * in-phrase frames below -60 dBFS, in-phrase meaning from a note's start to the next note's start where
+    the rest between them is shorter than a quarter note;
+  * level-matched MFCC Frechet distance to FluidSynth (20 coefficients, c0 the level, of 40 mel bands; each
+    piece scaled to FluidSynth's RMS), against FluidSynth's own split-half distance (first halves of the
+    pieces against second halves); also without c0, where the timbre shows apart from the envelope;
+  * bars repeated (exactly or moved by one scale step), recurring 4-note shapes, 4-bar phrases ending on
+    the tonic (bench/composer.py's definitions).
+- the composer's held-out NLL (whole tune families held out, models/corpus.py) beside key-relative Markov
+  chains of order 2 and 3 (models/train_composer.py).
+- each instrument's log-mel L1 distance to FluidSynth on held-out performances (new seeds, melodies from
+  held-out tune families), all voiced frames and onset frames (the first 60 ms of a note) apart, against a
+  per-key spectral table (each MIDI key's mean log-mel shape over the training data's steady frames, at the
+  frame's loudness: the fair non-neural baseline) and against silence.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one core, set before numpy loads
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
+
+from bench.composer import PIECES, form_figures, note_figures  # noqa: E402
+from wavecast.daemon.midi import write_midi  # noqa: E402
+from wavecast.models import corpus, data  # noqa: E402
+from wavecast.models.quality import curves_for  # noqa: E402
+from wavecast.models.store import SHIPPED, default_work  # noqa: E402
+from wavecast.streaming.composer import ComposerModel, Note  # noqa: E402
+from wavecast.streaming.engine import compose, render  # noqa: E402
+from wavecast.streaming.model import FrameModel  # noqa: E402
+from wavecast.streaming.notes import Scale  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTRUMENTS = ("violin", "cello", "clarinet", "default")
+SR, HOP = data.SAMPLE_RATE, data.HOP
+SILENT_DB = -60.0
+N_FFT, MELS, MFCCS = 1024, 40, 20
+ONSET_FRAMES = 6  # the first 60 ms of a note
+HELDOUT_PERFORMANCES = 4
+TARGETS = {"clipped_samples": 0, "peak_dbfs": -1.0, "in_phrase_silent": 0.02, "mfcc_ratio": 3.0,
+           "repeated_bars": 0.25, "recurring_shapes": 0.30, "tonic_endings": 0.25, "composer_nll": 2.0,
+           "table_gain": 0.20}
+
+
+def log(msg: str) -> None:
+    print(f"[musicality] {msg}", file=sys.stderr, flush=True)
+
+
+def mel_filters(n_fft: int = N_FFT, mels: int = MELS, low: float = 40.0, high: float = 16000.0) -> np.ndarray:
+    """[mels, bins] triangular filters, evenly spaced in mel (HTK formula)."""
+    mel = np.linspace(2595 * np.log10(1 + low / 700), 2595 * np.log10(1 + high / 700), mels + 2)
+    hz = 700 * (10 ** (mel / 2595) - 1)
+    bins = np.fft.rfftfreq(n_fft, 1 / SR)
+    rise = (bins[None] - hz[:-2, None]) / (hz[1:-1] - hz[:-2])[:, None]
+    fall = (hz[2:, None] - bins[None]) / (hz[2:] - hz[1:-1])[:, None]
+    return np.maximum(0.0, np.minimum(rise, fall))
+
+
+FILTERS = mel_filters()
+
+
+def log_mel(audio: np.ndarray) -> np.ndarray:
+    """[frames, MELS] log10 mel power, one frame a HOP (centred), floored at -100 dB."""
+    padded = np.pad(np.asarray(audio, np.float64), (N_FFT // 2, N_FFT // 2))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP][: len(audio) // HOP]
+    power = np.abs(np.fft.rfft(frames * np.hanning(N_FFT), axis=1)) ** 2 / N_FFT
+    return np.log10(power @ FILTERS.T + 1e-10)
+
+
+def mfcc(audio: np.ndarray) -> np.ndarray:
+    """[frames, MFCCS]: the orthonormal DCT-II of `log_mel`, c0 (the level) first."""
+    x = log_mel(audio)
+    k = np.arange(MELS)
+    basis = np.cos(np.pi / MELS * (k[None] + 0.5) * np.arange(MFCCS)[:, None]) * np.sqrt(2 / MELS)
+    basis[0] /= np.sqrt(2)
+    return x @ basis.T
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of Gaussians fitted to the rows of a and b."""
+    ma, mb = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(ca @ cb)
+    return float(np.sum((ma - mb) ** 2) + np.trace(ca + cb - 2 * np.real(root)))
+
+
+def in_phrase(notes: list[Note], frames: int) -> np.ndarray:
+    """Frames from a note's start to the next note's start where the rests between them (if any) last less
+    than a quarter note."""
+    keep = np.zeros(frames, bool)
+    pitched = [i for i, n in enumerate(notes) if n.midi is not None]
+    for a, b in zip(pitched, pitched[1:], strict=False):
+        if sum(n.quarters for n in notes[a + 1 : b]) < 1.0:
+            keep[notes[a].frame : min(frames, notes[b].frame)] = True
+    return keep
+
+
+def fluidsynth(notes: list[Note], program: int, samples: int, frame_seconds: float) -> np.ndarray:
+    """FluidSynth playing `notes` on GM `program`, each held to the next note's start."""
+    with tempfile.TemporaryDirectory(prefix="wavecast-bench-") as tmp:
+        path = Path(tmp) / "notes.mid"
+        write_midi(path, notes, frame_seconds, program)
+        return data.render_midi_file(path, samples)
+
+
+def headroom(composer: ComposerModel) -> list[dict]:
+    rows = []
+    for name in INSTRUMENTS:
+        model = FrameModel(SHIPPED / name, device="cpu")
+        f0, loud = model.manifest.control("f0"), model.manifest.control("loudness")
+        takes = {"composed at volume 0": render(model, 20.0, 5, {"volume": 0.0, "tempo": 160, "density": 1.0,
+                                                                   "vibrato": 1.0}, composer=composer)}
+        for where, hz in (("bottom", f0.min), ("middle", (f0.min * f0.max) ** 0.5), ("top", f0.max)):
+            takes[f"loudness max, f0 {where}"] = render(model, 5.0, 1, {"f0": hz, "loudness": loud.max})
+        for what, audio in takes.items():
+            peak = float(np.abs(audio).max())
+            rows.append({"instrument": name, "setting": what, "clipped": int(np.sum(np.abs(audio) >= 0.999)),
+                         "peak_dbfs": 20 * np.log10(max(peak, 1e-9))})
+    return rows
+
+
+def composed_minutes(composer: ComposerModel, seeds: int, img: Path | None) -> dict[str, Any]:
+    rows, pooled = [], {}
+    for name in INSTRUMENTS:
+        model = FrameModel(SHIPPED / name, device="cpu")
+        program = model.manifest.training["data"]["program"]
+        fs = model.manifest.frame_seconds
+        ours, theirs, halves = [], [], ([], [])
+        for seed in range(seeds):
+            piece = PIECES[seed % len(PIECES)]
+            t0 = time.perf_counter()
+            audio, notes = compose(model, 60.0, seed, piece, composer=composer)
+            ref = fluidsynth(notes, program, len(audio), fs)
+            frames = len(audio) // HOP
+            loud, ref_loud = data.loudness_db(audio), data.loudness_db(ref)
+            phrase = in_phrase(notes, frames)
+            scale = Scale.parse(piece["scale"])
+            form, shapes = form_figures(notes, scale), note_figures(notes, scale)
+            ref = ref * np.sqrt(np.mean(audio.astype(np.float64) ** 2) / max(1e-20, np.mean(ref ** 2.0)))
+            a, b = mfcc(audio), mfcc(ref)
+            ours.append(a)
+            theirs.append(b)
+            halves[0].append(b[: len(b) // 2])
+            halves[1].append(b[len(b) // 2 :])
+            rows.append({"instrument": name, "seed": seed, **piece, "notes": shapes["notes"],
+                         "in_phrase_frames": int(phrase.sum()),
+                         "in_phrase_silent": int(np.sum(phrase & (loud < SILENT_DB))),
+                         "in_phrase_silent_fluidsynth": int(np.sum(phrase & (ref_loud < SILENT_DB))),
+                         "bars": form["bars"], "repeated_bars": form["repeated_bar_fraction"] * form["bars"],
+                         "phrases": form["phrases_4bar"], "tonic_endings": form["tonic_ending_fraction"]
+                         * form["phrases_4bar"], "shapes": shapes["shapes"],
+                         "recurring_shapes": shapes["repeated_shape_fraction"] * shapes["shapes"]})
+            log(f"{name} seed {seed}: {shapes['notes']} notes, in-phrase silent {rows[-1]['in_phrase_silent']} of "
+                f"{rows[-1]['in_phrase_frames']} frames ({time.perf_counter() - t0:.1f} s)")
+            if img is not None and seed == 0:
+                pooled[name] = (audio, ref, notes)
+        a, b = np.concatenate(ours), np.concatenate(theirs)
+        h0, h1 = np.concatenate(halves[0]), np.concatenate(halves[1])
+        fd = {"to_fluidsynth": frechet(a, b), "fluidsynth_split_half": frechet(h0, h1),
+              "to_fluidsynth_no_c0": frechet(a[:, 1:], b[:, 1:]),
+              "fluidsynth_split_half_no_c0": frechet(h0[:, 1:], h1[:, 1:])}
+        fd["ratio"] = fd["to_fluidsynth"] / fd["fluidsynth_split_half"]
+        fd["ratio_no_c0"] = fd["to_fluidsynth_no_c0"] / fd["fluidsynth_split_half_no_c0"]
+        rows.append({"instrument": name, "mfcc_frechet": fd})
+        log(f"{name}: MFCC Frechet to FluidSynth {fd['to_fluidsynth']:.0f}, FluidSynth split-half "
+            f"{fd['fluidsynth_split_half']:.0f} ({fd['ratio']:.1f}x; without c0 {fd['ratio_no_c0']:.1f}x)")
+    if img is not None:
+        plot(pooled, img)
+    pieces = [r for r in rows if "seed" in r]
+    total = {k: sum(r[k] for r in pieces) for k in ("in_phrase_frames", "in_phrase_silent",
+                                                     "in_phrase_silent_fluidsynth", "bars", "repeated_bars",
+                                                     "phrases", "tonic_endings", "shapes", "recurring_shapes")}
+    ratios = [r["mfcc_frechet"]["ratio"] for r in rows if "mfcc_frechet" in r]
+    return {
+        "minutes": len(pieces),
+        "in_phrase_silent_fraction": total["in_phrase_silent"] / max(1, total["in_phrase_frames"]),
+        "in_phrase_silent_fraction_fluidsynth":
+            total["in_phrase_silent_fluidsynth"] / max(1, total["in_phrase_frames"]),
+        "repeated_bar_fraction": total["repeated_bars"] / max(1, total["bars"]),
+        "recurring_shape_fraction": total["recurring_shapes"] / max(1, total["shapes"]),
+        "tonic_ending_fraction": total["tonic_endings"] / max(1, total["phrases"]),
+        "mfcc_ratio_worst": max(ratios), "mfcc_ratio_mean": float(np.mean(ratios)), "rows": rows,
+    }
+
+
+def composer_nll(composer: ComposerModel) -> dict[str, Any]:
+    """The composer's held-out NLL through ONNX Runtime (each tune from START and zero state), beside the
+    count baselines of models/train_composer.py, on the same split its training used."""
+    from wavecast.models.train_composer import Song, baseline_nll
+
+    tunes = corpus.load(corpus.SHIPPABLE, None, cache_dir=default_work() / "data",
+                        progress=lambda line: log(f"corpus: {line}"))
+    held = corpus.heldout_split(tunes)
+    train = [Song.of(t) for t, h in zip(tunes, held, strict=True) if not h]
+    heldout = [Song.of(t) for t, h in zip(tunes, held, strict=True) if h]
+    total, events = 0.0, 0
+    for song in heldout:
+        x, f, y = song.sequence()
+        states = {s.name: np.zeros(s.concrete(1), np.float32) for s in composer.manifest.states}
+        pitch, duration, _ = composer.run(x[None].astype(np.int64), f[None], states)
+        for logits, target in ((pitch[0], y[:, 0]), (duration[0], y[:, 1])):
+            z = logits.astype(np.float64)
+            z = z - z.max(1, keepdims=True)
+            total -= float(np.sum(z[np.arange(len(target)), target] - np.log(np.exp(z).sum(1))))
+        events += len(y)
+    out = {"nll": total / events, **baseline_nll(train, heldout), "heldout_tunes": len(heldout),
+           "training_tunes": len(train)}
+    log(f"composer NLL {out['nll']:.4f} on {len(heldout)} held-out tunes; order-2 Markov {out['markov2_nll']:.4f}, "
+        f"order-3 {out['markov3_nll']:.4f}")
+    return out
+
+
+def spectral_table(perfs: list[data.Performance]) -> dict[int, np.ndarray]:
+    """Each MIDI key's mean log-mel shape (relative to the frame's level) over steady frames: voiced, at
+    least ONSET_FRAMES into a note."""
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for p in perfs:
+        mel, keys, steady = _frames(p)
+        for key in np.unique(keys[steady]):
+            pick = steady & (keys == key)
+            sums[int(key)] = sums.get(int(key), 0) + mel[pick].sum(0)
+            counts[int(key)] = counts.get(int(key), 0) + int(pick.sum())
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def _frames(p: data.Performance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A performance's log-mel relative to each frame's level, each frame's MIDI key, and which frames are
+    steady (voiced and ONSET_FRAMES or more into a note)."""
+    mel = log_mel(p.audio) - (p.loudness[:, None] / 10.0)
+    keys = np.round(69 + 12 * np.log2(np.maximum(p.f0, 1.0) / 440.0)).astype(int)
+    voiced = p.loudness > SILENT_DB
+    since = np.zeros(len(keys), int)
+    for i in range(1, len(keys)):
+        same = voiced[i] and voiced[i - 1] and keys[i] == keys[i - 1]
+        since[i] = since[i - 1] + 1 if same else 0
+    return mel, keys, voiced & (since >= ONSET_FRAMES)
+
+
+def instrument_gate(name: str, heldout_tunes: list[corpus.Tune]) -> dict[str, Any]:
+    """Log-mel L1 of the model, the per-key table and silence against FluidSynth on held-out performances."""
+    model = FrameModel(SHIPPED / name, device="cpu")
+    recipe = data.Recipe(**{k: v for k, v in model.manifest.training["data"].items()
+                            if k in data.Recipe.__dataclass_fields__})
+    train = data.build(recipe, default_work() / "data").train
+    table = spectral_table(train)
+    unseen = data.Recipe(**{**recipe.__dict__, "seed": recipe.seed + 1000})
+    scores: dict[str, dict[str, list[float]]] = {k: {"all": [], "onset": []} for k in ("model", "table", "silence")}
+    for index in range(HELDOUT_PERFORMANCES):
+        perf = data.render_one(unseen, index, default_work() / "data", tunes=heldout_tunes)
+        out = render(model, len(perf.f0) * model.manifest.frame_seconds, 0, {}, curves=curves_for(model, perf))
+        ref = log_mel(perf.audio)
+        rel, keys, steady = _frames(perf)
+        voiced = perf.loudness > SILENT_DB
+        onset = voiced & ~steady
+        known = np.array([k in table for k in keys])
+        guess = np.array([table.get(int(k), np.zeros(MELS)) for k in keys]) + perf.loudness[:, None] / 10.0
+        takes = {"model": log_mel(out), "table": guess, "silence": np.full_like(ref, -10.0)}
+        for what, mel in takes.items():
+            err = np.abs(mel - ref).mean(1)
+            scores[what]["all"] += err[voiced & known].tolist()
+            scores[what]["onset"] += err[onset & known].tolist()
+    result: dict[str, Any] = {"instrument": name, "performances": HELDOUT_PERFORMANCES,
+                              "frames": len(scores["model"]["all"]), "onset_frames": len(scores["model"]["onset"])}
+    for part in ("all", "onset"):
+        mean = {k: float(np.mean(v[part])) for k, v in scores.items()}
+        result[part] = {**mean, "gain_over_table": 1.0 - mean["model"] / mean["table"]}
+    log(f"{name}: log-mel L1 model {result['all']['model']:.3f}, table {result['all']['table']:.3f}, silence "
+        f"{result['all']['silence']:.3f} ({result['all']['gain_over_table']:.0%} better); onsets model "
+        f"{result['onset']['model']:.3f}, table {result['onset']['table']:.3f} "
+        f"({result['onset']['gain_over_table']:.0%} better)")
+    return result
+
+
+def unseen_tunes() -> list[corpus.Tune]:
+    """Tunes of held-out families none of which the instruments' training data drew melodies from."""
+    tunes = corpus.load(corpus.SHIPPABLE, None, cache_dir=default_work() / "data")
+    used = {t.id for t in corpus.load(corpus.SHIPPABLE, data.Recipe().melodies, cache_dir=default_work() / "data")}
+    family = corpus.families(tunes)
+    touched = {f for f, t in zip(family, tunes, strict=True) if t.id in used}
+    held = corpus.heldout_split(tunes)
+    return [t for t, f, h in zip(tunes, family, held, strict=True) if h and f not in touched]
+
+
+def plot(pieces: dict[str, tuple[np.ndarray, np.ndarray, list[Note]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pieces), 2, figsize=(14, 2.6 * len(pieces)), squeeze=False)
+    seconds = 12.0
+    for row, (name, (audio, ref, notes)) in enumerate(pieces.items()):
+        for col, (who, x) in enumerate((("wavecast", audio), ("FluidSynth, same notes", ref))):
+            ax = axes[row, col]
+            mel = log_mel(x[: int(seconds * SR)])
+            ax.imshow(mel.T, origin="lower", aspect="auto", extent=(0, seconds, 0, MELS), vmin=-9, vmax=-1,
+                      cmap="magma")
+            for n in notes:
+                if n.midi is not None and n.frame * HOP < seconds * SR:
+                    start, end = n.frame * 0.01, (n.frame + n.frames) * 0.01
+                    ax.plot([start, end], [(n.midi - 36) * 0.6] * 2, color="cyan", lw=1.5)
+            ax.set_title(f"{name}: {who}", fontsize=9)
+            ax.set_ylabel("mel band / piano roll")
+    axes[-1, 0].set_xlabel("seconds")
+    axes[-1, 1].set_xlabel("seconds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report(result: dict[str, Any]) -> str:
+    c, n = result["composed"], result["composer"]
+    lines = [f"{'figure':58} {'now':>22}  target", "-" * 96]
+
+    def row(what: str, now: str, target: str, ok: bool) -> None:
+        lines.append(f"{what:58} {now:>22}  {target}{'' if ok else '  MISS'}")
+
+    if result["headroom"]:
+        clipped = sum(r["clipped"] for r in result["headroom"])
+        peak = max(r["peak_dbfs"] for r in result["headroom"])
+        row("samples at |x| >= 0.999, loudest documented settings", str(clipped), "0", clipped == 0)
+        row("peak, dBFS", f"{peak:.2f}", "<= -1", peak <= -1.0 + 1e-6)
+    row(f"in-phrase frames below -60 dBFS ({c['minutes']} composed minutes)",
+        f"{c['in_phrase_silent_fraction']:.1%}", "<= 2 %", c["in_phrase_silent_fraction"] <= 0.02)
+    row("  FluidSynth on the same notes", f"{c['in_phrase_silent_fraction_fluidsynth']:.1%}", "", True)
+    for r in c["rows"]:
+        if "mfcc_frechet" in r:
+            fd = r["mfcc_frechet"]
+            row(f"MFCC Frechet / FluidSynth split-half, {r['instrument']} (no c0)",
+                f"{fd['ratio']:.1f}x ({fd['ratio_no_c0']:.1f}x)", "<= 3x", fd["ratio"] <= 3.0)
+    row("bars repeated", f"{c['repeated_bar_fraction']:.1%}", ">= 25 %", c["repeated_bar_fraction"] >= 0.25)
+    row("recurring 4-note shapes", f"{c['recurring_shape_fraction']:.1%}", ">= 30 %",
+        c["recurring_shape_fraction"] >= 0.30)
+    row("4-bar phrases ending on the tonic", f"{c['tonic_ending_fraction']:.1%}", ">= 25 %",
+        c["tonic_ending_fraction"] >= 0.25)
+    if n is not None:
+        row(f"composer NLL, {n['heldout_tunes']} held-out tunes (families)", f"{n['nll']:.3f}", "<= 2.0",
+            n["nll"] <= 2.0)
+        row("  order-3 / order-2 key-relative Markov", f"{n['markov3_nll']:.3f} / {n['markov2_nll']:.3f}",
+            "model below", n["nll"] < n["markov3_nll"])
+    for g in result["instruments"]:
+        for part in ("all", "onset"):
+            s = g[part]
+            row(f"log-mel L1 {g['instrument']}, {part} frames: model / table / silence",
+                f"{s['model']:.2f} / {s['table']:.2f} / {s['silence']:.2f}", ">= 20 % under table",
+                s["gain_over_table"] >= 0.20)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=5, help="composed minutes per instrument (default 5)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "musicality.json", help="JSON file to write")
+    p.add_argument("--img", type=Path, default=ROOT / "bench" / "img" / "musicality.png",
+                   help="spectrograms and piano rolls beside FluidSynth's ('' for none)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["headroom", "composer", "instruments"],
+                   help="parts to leave out (a quicker run)")
+    args = p.parse_args(argv)
+    composer = ComposerModel(SHIPPED / "folk")
+    result: dict[str, Any] = {"seeds": args.seeds, "targets": TARGETS}
+    started = time.time()
+    result["headroom"] = [] if "headroom" in args.skip else headroom(composer)
+    result["composed"] = composed_minutes(composer, args.seeds, args.img if str(args.img) else None)
+    result["composer"] = None if "composer" in args.skip else composer_nll(composer)
+    if "instruments" in args.skip:
+        result["instruments"] = []
+    else:
+        tunes = unseen_tunes()
+        log(f"held-out performances draw melodies from {len(tunes)} unseen tunes")
+        result["instruments"] = [instrument_gate(name, tunes) for name in INSTRUMENTS]
+    result["seconds"] = round(time.time() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(report(result))
+    print(f"\nwrote {args.out} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The performer: typed notes in, an instrument's per-frame f0 and loudness out.
+
+The composer (streaming.composer) decides what is played; the performer decides how, the way a player
+phrases a line: a note attacks with the instrument's own onset time, from whatever the previous note's
+tail still sounds (tails overlap the next attack, nothing is gated to silence first); `legato` is the
+chance that a note is slurred into the next one (held to the next start, the pitch gliding over, no new
+attack) and, for detached notes, how little of the note's end is released; a released note falls at
+the instrument's release rate but no more than LIFT_DB before the next note (a lift, not a stop), and a
+rest shorter than a quarter note falls to no more than ROOM_DB under the note before, as it rings on in a room,
+so that a phrase breathes instead of stopping dead. Dynamics
+follow the metre and the phrase: an accent on the downbeat, a swell to the middle of each 4-bar phrase,
+a little unevenness. Everything here runs on the inference thread, once a frame, with no allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from wavecast.streaming.model import Manifest
+
+FLOOR_DB = -80.0  # loudness of silence
+ONSET_DB = 40.0  # an attack rises from this far under the note's level, or from what still sounds there
+REARTICULATE_DB = 9.0  # dip between two slurred notes of the same pitch, so the second one is heard
+GLIDE_SECONDS = 0.04  # portamento between slurred notes
+MAX_GAP_SECONDS = 0.15  # a detached note's release before the next start, at legato 0 (at most half the note)
+FAST_ATTACK = 0.35  # share of a note its attack may take at most
+LIFT_DB = 30.0  # the most that release falls: a detached note lifts off, the phrase goes on
+ROOM_DB = 40.0  # a short rest (under a quarter note) falls to this far under the note before it, no further
+VIBRATO_HZ, VIBRATO_CENTS, VIBRATO_AFTER_SECONDS = 5.5, 30.0, 0.25
+ACCENT_DB, PHRASE_SWELL_DB, UNEVEN_DB = 2.0, 2.0, 1.0  # downbeat accent, 4-bar phrase swell, random +-
+
+
+@dataclass(frozen=True)
+class Articulation:
+    """How an instrument starts and stops a note."""
+
+    attack_seconds: float  # from ONSET_DB under the level to the level
+    release_seconds: float  # a released note's fall of 60 dB
+
+
+# Measured from FluidSynth (FluidR3_GM) playing one mid-range note of each GM program: the time to come within
+# 3 dB of the sustained level, and the fall of 60 dB after note-off. The clarinet's soundfont release is one
+# frame; a player tapers, and 0.1 s is the shortest release used.
+ARTICULATIONS = {
+    40: Articulation(0.16, 0.23),  # violin
+    42: Articulation(0.22, 0.27),  # cello
+    56: Articulation(0.03, 0.10),  # trumpet
+    71: Articulation(0.05, 0.10),  # clarinet
+    73: Articulation(0.07, 0.16),  # flute
+}
+DEFAULT_ARTICULATION = Articulation(0.06, 0.15)
+
+
+def note_hz(midi: int) -> float:
+    return 440.0 * 2.0 ** ((midi - 69) / 12)
+
+
+def articulation_of(manifest: Manifest) -> Articulation:
+    """The articulation of the GM program an instrument was trained on (its manifest's training data)."""
+    data = manifest.training.get("data") if isinstance(manifest.training, dict) else None
+    program = data.get("program") if isinstance(data, dict) else None
+    return ARTICULATIONS.get(program, DEFAULT_ARTICULATION)
+
+
+@dataclass
+class Phrasing:
+    """What the performer needs to know of a note beyond its pitch and length (from the composer)."""
+
+    frame: int  # the stream's frame the note starts at
+    frames: int  # to the next note's start
+    midi: int | None  # None = rest
+    quarters: float
+    downbeat: bool
+    phrase: float  # 0..1 through its 4-bar phrase
+
+
+class Performer:
+    """One voice's playing: `play` a note at its first frame, then `frame` for each frame's controls."""
+
+    def __init__(self, seed: int, articulation: Articulation, f0_range: tuple[float, float], loudness_max: float,
+                 frame_seconds: float) -> None:
+        self.seed = seed
+        self.articulation = articulation
+        self.f0_range = f0_range
+        self.loudness_max = loudness_max  # the instrument's top: an accent never asks for more
+        self.frame_seconds = frame_seconds
+        self.out = np.array([f0_range[0], FLOOR_DB], np.float32)  # f0, loudness of the current frame
+        self.reset()
+
+    def reset(self) -> None:
+        """Silent, no note, the random unevenness from its seed again (what sounds now keeps falling)."""
+        self.rng = np.random.Generator(np.random.PCG64([self.seed, 2]))
+        self.note: Phrasing | None = None
+        self.off_frame = 0  # where the current note's release starts
+        self.level = FLOOR_DB  # the current note's loudness
+        self.onset = FLOOR_DB  # the loudness its attack starts from
+        self.attack = self.articulation.attack_seconds  # its attack's length
+        self.glide_from: float | None = None  # f0 a slurred note glides from
+        self.fall = self._release_fall()  # dB a frame while released
+
+    def instrument(self, articulation: Articulation, f0_range: tuple[float, float], loudness_max: float) -> None:
+        """Play another instrument from the next note on."""
+        self.articulation, self.f0_range, self.loudness_max = articulation, f0_range, loudness_max
+
+    def _release_fall(self) -> float:
+        return 60.0 * self.frame_seconds / self.articulation.release_seconds
+
+    def release(self, frame: int) -> None:
+        """Let the note go from `frame` (pause, reset)."""
+        self.off_frame = min(self.off_frame, frame)
+        self.fall = self._release_fall()
+
+    def play(self, note: Phrasing, volume: float, legato: float) -> None:
+        """Start `note` (at its first frame). A slurred previous note (held to here) hands over without a
+        new attack: gliding to another pitch, or dipping REARTICULATE_DB on the same one."""
+        previous, fs = self.note, self.frame_seconds
+        slurred = previous is not None and previous.midi is not None and self.off_frame >= note.frame
+        self.note, self.glide_from = note, None
+        if note.midi is None:
+            self.off_frame = note.frame
+            self.fall = self._release_fall()
+            if note.quarters < 1.0:  # a short rest rings on: to ROOM_DB under the last note's level at most
+                self.fall = min(self.fall, max(0.0, float(self.out[1]) - self.level + ROOM_DB) / max(1, note.frames))
+            return
+        level = volume + (ACCENT_DB if note.downbeat else 0.0) + PHRASE_SWELL_DB * math.sin(math.pi * note.phrase)
+        self.level = min(level + self.rng.uniform(-UNEVEN_DB, UNEVEN_DB), self.loudness_max)
+        if slurred and previous.midi != note.midi:
+            self.glide_from, self.onset = float(self.out[0]), float(self.out[1])
+        elif slurred:
+            self.onset = self.level - REARTICULATE_DB
+        else:
+            self.onset = max(float(self.out[1]), self.level - ONSET_DB)
+        self.fall = self._release_fall()
+        # a fast note speaks faster: its attack takes at most FAST_ATTACK of it
+        self.attack = min(self.articulation.attack_seconds, FAST_ATTACK * note.frames * fs)
+        if self.rng.random() < legato:  # slurred into the next note
+            self.off_frame = note.frame + note.frames
+        else:
+            gap = max(1, round((1.0 - legato) * min(0.5 * note.frames * fs, MAX_GAP_SECONDS) / fs))
+            self.off_frame = note.frame + max(1, note.frames - gap)
+            # the instrument's release, but staccato (legato 0) always lifts the full LIFT_DB, however short
+            self.fall = min(LIFT_DB / gap, max(self._release_fall(), (1.0 - legato) * LIFT_DB / gap))
+
+    def frame(self, frame: int, vibrato: float) -> np.ndarray:
+        """f0 (Hz) and loudness (dB) for this frame; `vibrato` 0..1 of VIBRATO_CENTS."""
+        note, fs = self.note, self.frame_seconds
+        if note is None or note.midi is None or frame >= self.off_frame:
+            self.out[1] = max(FLOOR_DB, self.out[1] - self.fall)
+            return self.out
+        target = note_hz(note.midi)
+        since = (frame - note.frame) * fs
+        f0 = target
+        if self.glide_from is not None and since < GLIDE_SECONDS:
+            f0 = self.glide_from * (target / self.glide_from) ** (since / GLIDE_SECONDS)
+        depth = vibrato * VIBRATO_CENTS
+        if depth and since > VIBRATO_AFTER_SECONDS:
+            ramp = min(1.0, (since - VIBRATO_AFTER_SECONDS) / 0.2)
+            f0 *= 2.0 ** (ramp * depth / 1200 * math.sin(2 * math.pi * VIBRATO_HZ * (since - VIBRATO_AFTER_SECONDS)))
+        self.out[0] = min(max(f0, self.f0_range[0]), self.f0_range[1])
+        rise = min(1.0, (since + fs) / (GLIDE_SECONDS if self.glide_from is not None else self.attack))
+        self.out[1] = self.level + (self.onset - self.level) * (1.0 - rise) ** 2  # fast, then settling
+        return self.out
+
+    def export(self) -> dict[str, Any]:
+        """Every field the next frame depends on, as JSON-able values (a snapshot's 'performer')."""
+        return {"rng": self.rng.bit_generator.state, "note": None if self.note is None else asdict(self.note),
+                "off_frame": int(self.off_frame), "level": float(self.level), "onset": float(self.onset),
+                "attack": float(self.attack),
+                "glide_from": self.glide_from, "fall": float(self.fall), "out": [float(v) for v in self.out]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take up where `export` left off (fields checked by streaming/snapshot.py)."""
+        self.rng = np.random.Generator(np.random.PCG64())
+        self.rng.bit_generator.state = state["rng"]
+        self.note = None if state["note"] is None else Phrasing(**state["note"])
+        self.off_frame, self.level, self.onset = state["off_frame"], state["level"], state["onset"]
+        self.attack = state["attack"]
+        self.glide_from, self.fall = state["glide_from"], state["fall"]
+        self.out = np.array(state["out"], np.float32)

@@ -1,0 +1,110 @@
+"""The performer: notes in, per-frame f0 and loudness out, phrased (tails that reach into the next attack,
+slurs that glide, short rests that ring on), and a composed stream that keeps sounding inside its phrases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wavecast.models.data import loudness_db
+from wavecast.models.store import SHIPPED
+from wavecast.streaming.composer import ComposerModel, Note
+from wavecast.streaming.engine import compose
+from wavecast.streaming.model import FrameModel, Manifest
+from wavecast.streaming.performer import (
+    ARTICULATIONS,
+    FLOOR_DB,
+    LIFT_DB,
+    ONSET_DB,
+    ROOM_DB,
+    Performer,
+    Phrasing,
+    articulation_of,
+    note_hz,
+)
+
+FS = 0.01
+VIOLIN, CLARINET = ARTICULATIONS[40], ARTICULATIONS[71]
+
+
+def play(notes: list[tuple[int | None, int]], legato: float, articulation=VIOLIN, volume: float = -20.0
+         ) -> tuple[np.ndarray, list[int]]:
+    """[frames, 2] controls for (midi or None, frames) notes played back to back, and each note's first frame."""
+    performer = Performer(3, articulation, (30.0, 4000.0), 0.0, FS)
+    out, starts, frame = [], [], 0
+    for midi, frames in notes:
+        starts.append(frame)
+        performer.play(Phrasing(frame, frames, midi, frames * FS / 0.625, False, 0.0), volume, legato)
+        for f in range(frame, frame + frames):
+            out.append(performer.frame(f, vibrato=0.0).copy())
+        frame += frames
+    return np.array(out), starts
+
+
+def test_slurred_notes_glide_without_a_new_attack() -> None:
+    curve, starts = play([(67, 40), (69, 40), (71, 40)], legato=1.0)
+    between = curve[starts[1] - 2 : starts[1] + 6]
+    assert between[:, 1].min() > -20.0 - 4.0  # no dip: the level moves only by the dynamics' few dB
+    f0 = curve[starts[1] : starts[1] + 4, 0]
+    assert f0[0] == pytest.approx(note_hz(67), rel=1e-6)  # portamento from G to A over a few frames
+    assert f0[0] < f0[1] < f0[2] < f0[3] < note_hz(69)
+    assert curve[starts[1] + 10, 0] == pytest.approx(note_hz(69), rel=1e-6)
+
+
+def test_detached_notes_release_into_the_next_attack() -> None:
+    curve, starts = play([(67, 40), (69, 40)], legato=0.0)
+    gap = curve[starts[1] - 5 : starts[1], 1]
+    assert np.all(np.diff(gap) < 0)  # released before the next start
+    assert gap[-1] < -20.0 - 6.0
+    # a lift, not a stop: the next attack rises from what the tail still sounds
+    assert curve[starts[1], 1] > gap[-1] >= curve[starts[1] - 16, 1] - LIFT_DB - 1e-3
+    assert curve[starts[1] + 20, 1] == pytest.approx(curve[20, 1], abs=2.5)
+
+
+def test_a_short_rest_rings_on_and_a_long_one_falls_silent() -> None:
+    short, starts = play([(67, 40), (None, 30), (69, 40)], legato=0.5)
+    assert short[starts[1] : starts[2], 1].min() >= short[20, 1] - ROOM_DB - 2.5  # 2.5: the dynamics' spread
+    long, starts = play([(67, 40), (None, 200), (69, 40)], legato=0.0)
+    assert long[starts[2] - 1, 1] == FLOOR_DB
+
+
+def test_each_instrument_attacks_at_its_own_speed() -> None:
+    def frames_to_level(articulation) -> int:
+        curve, _ = play([(67, 80)], legato=1.0, articulation=articulation)
+        return int(np.argmax(curve[:, 1] >= curve[60, 1] - 3.0))
+
+    assert frames_to_level(VIOLIN) > 2 * frames_to_level(CLARINET)
+    curve, _ = play([(67, 80)], legato=1.0)
+    assert curve[0, 1] < curve[60, 1] - ONSET_DB / 4  # a note out of silence starts well under its level
+
+
+def test_the_articulation_comes_from_the_instrument_s_program() -> None:
+    assert articulation_of(Manifest.read(SHIPPED / "violin" / "model.json")) == VIOLIN
+    assert articulation_of(Manifest.read(SHIPPED / "clarinet" / "model.json")) == CLARINET
+
+
+def in_phrase(notes: list[Note], frames: int) -> np.ndarray:
+    """From a note's start to the next note's start where the rests between them last under a quarter."""
+    keep = np.zeros(frames, bool)
+    pitched = [i for i, n in enumerate(notes) if n.midi is not None]
+    for a, b in zip(pitched, pitched[1:], strict=False):
+        if sum(n.quarters for n in notes[a + 1 : b]) < 1.0:
+            keep[notes[a].frame : min(frames, notes[b].frame)] = True
+    return keep
+
+
+@pytest.mark.parametrize("name", ["violin", "clarinet"])
+def test_a_composed_stream_keeps_sounding_inside_its_phrases(name: str) -> None:
+    model = FrameModel(SHIPPED / name, device="cpu")
+    folk = ComposerModel(SHIPPED / "folk")
+    audio, notes = compose(model, 20.0, 2, {"tempo": 112}, composer=folk)
+    phrase = in_phrase(notes, len(audio) // 480)
+    silent = loudness_db(audio) < -60.0
+    assert phrase.sum() > 1000
+    assert (phrase & silent).sum() / phrase.sum() <= 0.02
+    # and a detached (legato 0) piece still separates its notes: the level dips before most note starts
+    audio, notes = compose(model, 20.0, 2, {"tempo": 112, "legato": 0.0}, composer=folk)
+    level = loudness_db(audio)
+    starts = [n.frame for n in notes if n.midi is not None and n.frame > 10]
+    dips = [level[s - 1] < level[s - 6 : s - 2].max() - 3.0 for s in starts]
+    assert np.mean(dips) > 0.7
