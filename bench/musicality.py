@@ -21,7 +21,8 @@ against their targets and writes JSON (default bench/out/musicality.json) and be
 - each instrument's log-mel L1 distance to FluidSynth on held-out performances (new seeds, melodies from
   held-out tune families), all voiced frames and onset frames (the first 60 ms of a note) apart, against a
   per-key spectral table (each MIDI key's mean log-mel shape over the training data's steady frames, at the
-  frame's loudness: the fair non-neural baseline) and against silence.
+  frame's loudness: the fair non-neural baseline) and against silence; and whether loudness moves the timbre as
+  FluidSynth's samples do (spectral centroid per 10 dB, within each key).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from wavecast.streaming.model import FrameModel  # noqa: E402
 from wavecast.streaming.notes import Scale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTRUMENTS = ("violin", "cello", "clarinet", "default")
+INSTRUMENTS = ("violin", "cello", "clarinet", "trumpet", "default")
 SR, HOP = data.SAMPLE_RATE, data.HOP
 SILENT_DB = -60.0
 N_FFT, MELS, MFCCS = 1024, 40, 20
@@ -268,11 +269,12 @@ def instrument_gate(name: str, heldout_tunes: list[corpus.Tune]) -> dict[str, An
     table = spectral_table(train)
     unseen = data.Recipe(**{**recipe.__dict__, "seed": recipe.seed + 1000})
     scores: dict[str, dict[str, list[float]]] = {k: {"all": [], "onset": []} for k in ("model", "table", "silence")}
+    steady_frames: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": []}
     for index in range(HELDOUT_PERFORMANCES):
         perf = data.render_one(unseen, index, default_work() / "data", tunes=heldout_tunes)
         out = render(model, len(perf.f0) * model.manifest.frame_seconds, 0, {}, curves=curves_for(model, perf))
         ref = log_mel(perf.audio)
-        rel, keys, steady = _frames(perf)
+        _, keys, steady = _frames(perf)
         voiced = perf.loudness > SILENT_DB
         onset = voiced & ~steady
         known = np.array([k in table for k in keys])
@@ -282,16 +284,37 @@ def instrument_gate(name: str, heldout_tunes: list[corpus.Tune]) -> dict[str, An
             err = np.abs(mel - ref).mean(1)
             scores[what]["all"] += err[voiced & known].tolist()
             scores[what]["onset"] += err[onset & known].tolist()
+        for what, x in (("model", takes["model"][steady]), ("reference", ref[steady]),
+                        ("loudness", perf.loudness[steady]), ("keys", keys[steady])):
+            steady_frames[what].append(x)
     result: dict[str, Any] = {"instrument": name, "performances": HELDOUT_PERFORMANCES,
                               "frames": len(scores["model"]["all"]), "onset_frames": len(scores["model"]["onset"])}
+    loud, keys = np.concatenate(steady_frames["loudness"]), np.concatenate(steady_frames["keys"])
+    result["brightness_per_10db"] = {k: brightness_slope(np.concatenate(steady_frames[k]), loud, keys)
+                                     for k in ("model", "reference")}
     for part in ("all", "onset"):
         mean = {k: float(np.mean(v[part])) for k, v in scores.items()}
         result[part] = {**mean, "gain_over_table": 1.0 - mean["model"] / mean["table"]}
     log(f"{name}: log-mel L1 model {result['all']['model']:.3f}, table {result['all']['table']:.3f}, silence "
         f"{result['all']['silence']:.3f} ({result['all']['gain_over_table']:.0%} better); onsets model "
         f"{result['onset']['model']:.3f}, table {result['onset']['table']:.3f} "
-        f"({result['onset']['gain_over_table']:.0%} better)")
+        f"({result['onset']['gain_over_table']:.0%} better); brightness per 10 dB model "
+        f"{result['brightness_per_10db']['model']:.2f}, FluidSynth {result['brightness_per_10db']['reference']:.2f} "
+        "mel bands")
     return result
+
+
+def brightness_slope(mel: np.ndarray, loudness: np.ndarray, keys: np.ndarray) -> float:
+    """How much brighter a note gets when played louder: mel bands of spectral centroid per 10 dB of
+    loudness, fitted within each key (the pitch's own brightness held apart)."""
+    power = 10.0 ** mel
+    centroid = power @ np.arange(MELS) / power.sum(1)
+    x, y = loudness.astype(np.float64).copy(), centroid.copy()
+    for key in np.unique(keys):
+        here = keys == key
+        x[here] -= x[here].mean()
+        y[here] -= y[here].mean()
+    return 10.0 * float(np.sum(x * y) / max(float(np.sum(x * x)), 1e-9))
 
 
 def unseen_tunes() -> list[corpus.Tune]:
@@ -368,6 +391,9 @@ def report(result: dict[str, Any]) -> str:
             row(f"log-mel L1 {g['instrument']}, {part} frames: model / table / silence",
                 f"{s['model']:.2f} / {s['table']:.2f} / {s['silence']:.2f}", ">= 20 % under table",
                 s["gain_over_table"] >= 0.20)
+        b = g["brightness_per_10db"]
+        row(f"  {g['instrument']} brighter per 10 dB louder: model / FluidSynth (mel bands)",
+            f"{b['model']:.2f} / {b['reference']:.2f}", "", True)
     return "\n".join(lines)
 
 

@@ -753,7 +753,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="model name to publish under (default: the instrument's name, else 'default'; with "
                         "--quick 'quick' or 'quick-INSTRUMENT', so a quick run never replaces a model)")
     p.add_argument("--program", type=number(int, 0, 127), default=73,
-                   help="without --instrument: GM program (0-based, 73 = flute) over f0 30-2000 Hz")
+                   help="without --instrument: GM program (0-based, 73 = flute) over MIDI notes 24-95 (f0 33-1976 Hz)")
     p.add_argument("--quick", action="store_true", help="tiny data and few steps: a working model in ~2 min")
     p.add_argument("--steps", type=number(int, 1, 10_000_000), help="training steps (default 3000, quick 600)")
     p.add_argument("--batch", type=number(int, 1, 4096), help="crops per step (default 8, quick 4)")

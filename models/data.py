@@ -49,6 +49,12 @@ _CHORDS = ((0, 4, 7), (0, 3, 7), (0, 4, 7, 10), (0, 3, 6, 9))
 _ORDER = {"note_off": 0, "control_change": 1, "pitchwheel": 1, "note_on": 2}  # within one ms
 
 Event = tuple[int, mido.Message]  # (time in ms, message)
+# Sustained GM instruments: program (0-based) and the MIDI note range the real instrument plays (sounding
+# pitch), which is each one's training range and f0 control range.
+INSTRUMENTS = {
+    "violin": (40, 55, 96), "cello": (42, 36, 81), "trumpet": (56, 52, 84),
+    "clarinet": (71, 50, 91), "flute": (73, 60, 96),
+}
 
 
 @dataclass(frozen=True)

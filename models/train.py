@@ -39,11 +39,6 @@ PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside th
 # octave steps at any constant from 0 to 30 ms (the graph ramps amplitudes across a frame and keeps the
 # phase); 10 ms still glides a slider's steps and is heard 2.4 frames sooner than 30 ms was.
 CONTROL_SMOOTHING_SECONDS = 0.01
-# Sustained GM instruments: program (0-based) and the MIDI note range each plays (its f0 control range).
-INSTRUMENTS = {
-    "violin": (40, 55, 96), "cello": (42, 36, 81), "trumpet": (56, 52, 84),
-    "clarinet": (71, 50, 91), "flute": (73, 60, 96),
-}
 
 
 def note_hz(note: int) -> float:
@@ -114,14 +109,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     batch = args.batch or (4 if args.quick else 8)
     frames = args.frames or (50 if args.quick else 100)
     if args.instrument:
-        program, low, high = INSTRUMENTS[args.instrument]
+        program, low, high = data.INSTRUMENTS[args.instrument]
         notes = {"program": program, "low_note": low, "high_note": high}
     else:  # a GM program across the whole f0 control range
         notes = {"program": args.program}
     # --quick leaves the folk-tune phrases out: in 600 steps on 40 s of data their fast notes cost the pitch.
     recipe = data.Recipe(seed=args.seed, **notes,
                          **({"performances": 5, "seconds": 8.0, "heldout": 1, "melodies": 0} if args.quick else {}))
-    f0_range = [max(30.0, round(note_hz(recipe.low_note), 2)), min(2000.0, round(note_hz(recipe.high_note), 2))]
+    # the f0 control covers every note the model was trained on (the violin's top C7 is 2093 Hz)
+    f0_range = [max(30.0, round(note_hz(recipe.low_note), 2)), round(note_hz(recipe.high_note), 2)]
     work = args.work or default_work()
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
     runs.report("data")
@@ -201,7 +197,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         final = {
             **manifest.to_dict(),
             "source": {"soundfont": data.SOUNDFONT.name, "gm_program": recipe.program,
-                       "instrument": next((n for n, (p, _, _) in INSTRUMENTS.items() if p == recipe.program),
+                       "instrument": next((n for n, (p, _, _) in data.INSTRUMENTS.items() if p == recipe.program),
                                           f"gm{recipe.program}"), "f0_range_hz": f0_range,
                        "loudness": "RMS dBFS per 10 ms frame (full-scale sine = -3 dB)",
                        "melodies": [f"music21 {name}: {corpus.COLLECTIONS[name].licence}"

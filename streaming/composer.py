@@ -1,4 +1,4 @@
-"""The composer: a note-level LSTM that writes a melody live, and the performer that plays it.
+"""The composer: a note-level LSTM that writes a melody live, handing each note to its performer.
 
 `ComposerModel` is a checked ONNX graph: inputs ``tokens [B,T,2]`` (previous pitch and duration token),
 ``features [B,T,FEATURES]`` (streaming.notes) and ``state_in.h/c``; outputs ``pitch_logits``,
@@ -298,8 +298,8 @@ class ComposerGroup:
 
 
 class Voice:
-    """One stream's composer and performer. Controls and actions may come from any thread; everything
-    else runs on the inference thread."""
+    """One stream's composer: its clock, sampling, form and history, and the `Performer` that plays its notes.
+    Controls and actions may come from any thread; everything else runs on the inference thread."""
 
     def __init__(self, group: ComposerGroup, seed: int, controls: Mapping[str, Any], f0_range: tuple[float, float],
                  frame_seconds: float, keep_notes: int | None = 2000, loudness_max: float = 0.0,

@@ -96,7 +96,7 @@ def test_musicality_bench_composed_minutes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "in-phrase frames below -60 dBFS" in proc.stdout
     c = json.loads(out.read_text())["composed"]
-    assert c["minutes"] == 4 and c["in_phrase_silent_fraction"] <= 0.02
+    assert c["minutes"] == 5 and c["in_phrase_silent_fraction"] <= 0.02
     assert 0 < c["repeated_bar_fraction"] <= 1 and 0 < c["tonic_ending_fraction"] <= 1
     assert all(positive(r["mfcc_frechet"]["to_fluidsynth"]) for r in c["rows"] if "mfcc_frechet" in r)
     assert png.stat().st_size > 0

@@ -13,7 +13,7 @@ from wavecast.streaming.composer import ComposerModel
 from wavecast.streaming.engine import LIMIT, LIMIT_RELEASE_DB_PER_S, Engine, Group, render
 from wavecast.streaming.model import FrameModel
 
-INSTRUMENTS = ("default", "violin", "cello", "clarinet")
+INSTRUMENTS = ("default", "violin", "cello", "clarinet", "trumpet")
 CEILING = LIMIT * (1 + 1e-6)  # float32 rounding of x * LIMIT / |x|
 
 

@@ -1,0 +1,37 @@
+"""Each shipped instrument is trained on the real instrument's range (its GM program's usual sounding range)
+and its f0 control covers every note it was trained on, no more."""
+
+from __future__ import annotations
+
+import pytest
+
+from wavecast.models.data import INSTRUMENTS
+from wavecast.models.store import SHIPPED
+from wavecast.streaming.model import Manifest
+
+
+def note_hz(note: int) -> float:
+    return 440.0 * 2.0 ** ((note - 69) / 12)
+
+
+SHIPPED_INSTRUMENTS = sorted(name for name in INSTRUMENTS if (SHIPPED / name / "model.json").is_file())
+
+
+def test_the_instruments_ship() -> None:
+    assert {"violin", "cello", "clarinet", "trumpet"} <= set(SHIPPED_INSTRUMENTS)
+
+
+HELD_BACK = pytest.mark.xfail(strict=True, reason="the violin retrained with its control up to C7 was not shipped: "
+                              "the watermark sat only 26.5 dB under its two weakest bands (bench/RESULTS.md)")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=HELD_BACK) if n == "violin" else n
+                                  for n in SHIPPED_INSTRUMENTS])
+def test_a_shipped_instrument_plays_the_real_instrument_s_range(name: str) -> None:
+    manifest = Manifest.read(SHIPPED / name / "model.json")
+    program, low, high = INSTRUMENTS[name]
+    trained = manifest.training["data"]
+    assert (trained["program"], trained["low_note"], trained["high_note"]) == (program, low, high)
+    f0 = manifest.control("f0")
+    assert f0.min <= note_hz(low) * 1.0001 and f0.max >= note_hz(high) * 0.9999  # every trained note
+    assert f0.min >= note_hz(low - 1) and f0.max <= note_hz(high + 1)  # and not a semitone past them
