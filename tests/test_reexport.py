@@ -72,19 +72,14 @@ def test_lstm_gates_move_from_onnx_to_torch_order() -> None:
 
 @pytest.mark.parametrize("name", INSTRUMENTS)
 def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
-    """No per-frame sines: one table matmul and one gather; the manifest says how the file was produced (a
-    re-export of a model trained with the old synthesis, or a training run since)."""
+    """No per-frame sines: one table matmul and one gather; the manifest says how the file was produced."""
     directory = SHIPPED / name
     manifest = Manifest.read(directory / "model.json")
     ops = Counter(node.op_type for node in onnx.load(str(directory / "model.onnx")).graph.node)
     assert ops["Sin"] == ops["Cos"] == 0, ops
     assert ops["GatherElements"] == 1 and ops["LSTM"] == 1
     assert graph_synthesis(manifest) == {"oscillator": "wavetable", "table_points": 256, "table_order": 2}
-    record = manifest.training.get("reexport")
-    if record is None:  # trained since the wavetable came: exported with it directly, nothing to re-export
-        assert manifest.training["command"].startswith(f"wavecast train instrument --instrument {name}")
-        assert manifest.verification["parity"]["max_abs_audio"] <= manifest.verification["parity_limit"]
-        return
+    record = manifest.training["reexport"]
     assert record["command"].startswith("wavecast export")
     assert record["from_synthesis"] == {"oscillator": "blocks"} and len(record["from_sha256"]) == 64
     assert record["from_sha256"] != manifest.onnx["sha256"] == file_sha256(directory / "model.onnx")
