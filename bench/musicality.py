@@ -46,7 +46,7 @@ import scipy.linalg  # noqa: E402
 from bench.composer import PIECES, form_figures, note_figures  # noqa: E402
 from wavecast.daemon.midi import write_midi  # noqa: E402
 from wavecast.models import corpus, data  # noqa: E402
-from wavecast.models.quality import curves_for  # noqa: E402
+from wavecast.models.quality import curves_for, in_phrase  # noqa: E402
 from wavecast.models.store import SHIPPED, default_work  # noqa: E402
 from wavecast.streaming.composer import ComposerModel, Note  # noqa: E402
 from wavecast.streaming.engine import compose, render  # noqa: E402
@@ -105,17 +105,6 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = scipy.linalg.sqrtm(ca @ cb)
     return float(np.sum((ma - mb) ** 2) + np.trace(ca + cb - 2 * np.real(root)))
-
-
-def in_phrase(notes: list[Note], frames: int) -> np.ndarray:
-    """Frames from a note's start to the next note's start where the rests between them (if any) last less
-    than a quarter note."""
-    keep = np.zeros(frames, bool)
-    pitched = [i for i, n in enumerate(notes) if n.midi is not None]
-    for a, b in zip(pitched, pitched[1:], strict=False):
-        if sum(n.quarters for n in notes[a + 1 : b]) < 1.0:
-            keep[notes[a].frame : min(frames, notes[b].frame)] = True
-    return keep
 
 
 def fluidsynth(notes: list[Note], program: int, samples: int, frame_seconds: float) -> np.ndarray:

@@ -8,6 +8,7 @@ future verification step can use them without torch:
 - `pitch_error_cents`: a pitch tracker on the output against the f0 control, on steady voiced frames.
 - `loudness_correlation`: measured frame loudness against the loudness control.
 - `count_clicks`: isolated sample-to-sample jumps far beyond the signal's own.
+- `in_phrase`: the frames of a composed piece inside its phrases (where it should keep sounding).
 - `assess`: all of them for a model over held-out performances; `metrics` is what the gate reads.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from wavecast.models.data import HOP, LOUDNESS_FLOOR_DB, SAMPLE_RATE, Performance, loudness_db
 from wavecast.streaming.analysis import estimate_f0
+from wavecast.streaming.composer import Note
 from wavecast.streaming.engine import render
 from wavecast.streaming.model import FrameModel
 from wavecast.streaming.watermark import DELAY, Key
@@ -203,6 +205,17 @@ def count_clicks(audio: np.ndarray, k: float = 4.0, floor: float = 2e-3, window:
     if len(flagged) == 0:
         return 0
     return int(1 + np.count_nonzero(np.diff(flagged) >= merge))
+
+
+def in_phrase(notes: list[Note], frames: int) -> np.ndarray:
+    """A composed piece's in-phrase frames: from a note's start to the next note's start where the rests
+    between them (if any) last less than a quarter note."""
+    keep = np.zeros(frames, bool)
+    pitched = [i for i, n in enumerate(notes) if n.midi is not None]
+    for a, b in zip(pitched, pitched[1:], strict=False):
+        if sum(n.quarters for n in notes[a + 1 : b]) < 1.0:
+            keep[notes[a].frame : min(frames, notes[b].frame)] = True
+    return keep
 
 
 def pitch_summary(cents: np.ndarray) -> dict[str, Any]:

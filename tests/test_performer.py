@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from wavecast.models.data import loudness_db
+from wavecast.models.quality import in_phrase
 from wavecast.models.store import SHIPPED
-from wavecast.streaming.composer import ComposerModel, Note
+from wavecast.streaming.composer import ComposerModel
 from wavecast.streaming.engine import compose
 from wavecast.streaming.model import FrameModel, Manifest
 from wavecast.streaming.performer import (
@@ -81,16 +82,6 @@ def test_each_instrument_attacks_at_its_own_speed() -> None:
 def test_the_articulation_comes_from_the_instrument_s_program() -> None:
     assert articulation_of(Manifest.read(SHIPPED / "violin" / "model.json")) == VIOLIN
     assert articulation_of(Manifest.read(SHIPPED / "clarinet" / "model.json")) == CLARINET
-
-
-def in_phrase(notes: list[Note], frames: int) -> np.ndarray:
-    """From a note's start to the next note's start where the rests between them last under a quarter."""
-    keep = np.zeros(frames, bool)
-    pitched = [i for i, n in enumerate(notes) if n.midi is not None]
-    for a, b in zip(pitched, pitched[1:], strict=False):
-        if sum(n.quarters for n in notes[a + 1 : b]) < 1.0:
-            keep[notes[a].frame : min(frames, notes[b].frame)] = True
-    return keep
 
 
 @pytest.mark.parametrize("name", ["violin", "clarinet"])
