@@ -154,11 +154,11 @@ class Markov:
                     table = self.counts[k].setdefault(tuple(padded[i - k : i]), np.zeros(self.size))
                     table[padded[i]] += 1.0
 
-    def probabilities(self, history: list[int], weight: float) -> np.ndarray:
-        """p(x | the last `order` symbols of `history`) for every x."""
-        padded = [self.size] * self.order + history
+    def probabilities(self, history: list[int], weight: float, order: int) -> np.ndarray:
+        """p(x | the last `order` symbols of `history`) for every x (`order` up to the fitted one)."""
+        padded = [self.size] * order + history
         p = (self.counts[0][()] + 1.0) / (self.counts[0][()].sum() + self.size)
-        for k in range(1, self.order + 1):
+        for k in range(1, order + 1):
             c = self.counts[k].get(tuple(padded[len(padded) - k :]))
             if c is not None:
                 w = weight * np.count_nonzero(c)
@@ -184,8 +184,7 @@ def baseline_nll(train: list[Song], heldout: list[Song]) -> dict:
     tokens = np.arange(1, PITCH_TOKENS)
     events = int(sum(len(s) for s in heldout))
     out: dict = {"heldout_events": events}
-    for order in (0, 2, 3):
-        pitch_chain.order = duration_chain.order = order
+    for order in (0, 2, MARKOV_ORDER):
         nll = []
         for weight in MARKOV_WEIGHTS[:1] if order == 0 else MARKOV_WEIGHTS:
             total = 0.0
@@ -194,8 +193,8 @@ def baseline_nll(train: list[Song], heldout: list[Song]) -> dict:
                 # each pitch token's key-relative symbol in this tune's key (the rest stays 0)
                 symbol = np.concatenate([[0], tokens - song.scale.tonic + 11])
                 for i, m in enumerate(song.midi):
-                    p = pitch_chain.probabilities(relative[:i], weight)[symbol]
-                    q = duration_chain.probabilities(durations[:i], weight)
+                    p = pitch_chain.probabilities(relative[:i], weight, order)[symbol]
+                    q = duration_chain.probabilities(durations[:i], weight, order)
                     target = 0 if m < 0 else notes.pitch_token(int(m))
                     total -= math.log(p[target] / p.sum()) + math.log(q[durations[i]])
             nll.append((total / events, weight))
@@ -203,7 +202,6 @@ def baseline_nll(train: list[Song], heldout: list[Song]) -> dict:
         out["unigram_nll" if order == 0 else f"markov{order}_nll"] = best[0]
         if order:
             out[f"markov{order}_weight"] = best[1]
-    pitch_chain.order = duration_chain.order = MARKOV_ORDER
     return out
 
 
