@@ -33,16 +33,13 @@ from wavecast.models.runs import (
 )
 from wavecast.models.store import NAME_RULE, POLICIES, default_name, default_work, valid_name
 from wavecast.streaming.model import FrameModel, Manifest
+from wavecast.streaming.notes import midi_hz
 
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
 # One-pole time constant of f0 and loudness changes. bench/engine.py counts no clicks from 30-40 dB and
 # octave steps at any constant from 0 to 30 ms (the graph ramps amplitudes across a frame and keeps the
 # phase); 10 ms still glides a slider's steps and is heard 2.4 frames sooner than 30 ms was.
 CONTROL_SMOOTHING_SECONDS = 0.01
-
-
-def note_hz(note: int) -> float:
-    return 440.0 * 2.0 ** ((note - 69) / 12)
 
 
 def log(msg: str) -> None:
@@ -117,7 +114,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     recipe = data.Recipe(seed=args.seed, **notes,
                          **({"performances": 5, "seconds": 8.0, "heldout": 1, "melodies": 0} if args.quick else {}))
     # the f0 control covers every note the model was trained on (the violin's top C7 is 2093 Hz)
-    f0_range = [max(30.0, round(note_hz(recipe.low_note), 2)), round(note_hz(recipe.high_note), 2)]
+    f0_range = [max(30.0, round(midi_hz(recipe.low_note), 2)), round(midi_hz(recipe.high_note), 2)]
     work = args.work or default_work()
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
     runs.report("data")

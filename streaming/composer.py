@@ -43,6 +43,7 @@ from wavecast.streaming.notes import (
     Scale,
     density_rate,
     features,
+    midi_hz,
     note_name,
     register_median,
     scale_mask,
@@ -188,7 +189,7 @@ def _scale(text: str) -> Scale:
 def _mask(scale: str, low_hz: float, high_hz: float) -> np.ndarray:
     mask = scale_mask(_scale(scale))
     for token in range(1, PITCH_TOKENS):
-        mask[token] &= low_hz <= 440.0 * 2.0 ** ((token_midi(token) - 69) / 12) <= high_hz
+        mask[token] &= low_hz <= midi_hz(token_midi(token)) <= high_hz
     mask.flags.writeable = False
     return mask
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from wavecast.streaming.composer import ControlError, validate_controls
-from wavecast.streaming.notes import MODES, REGISTERS, Scale
+from wavecast.streaming.notes import MODES, REGISTERS, Scale, midi_hz
 from wavecast.streaming.performer import FLOOR_DB
 
 SHIPPED_EVENTS = Path(__file__).with_name("events.json")
@@ -73,7 +73,7 @@ class Sting:
         tail = round(RELEASE_SECONDS / frame_seconds) + 2
         lengths = [max(1, round(q * 60.0 / tempo / frame_seconds)) for _, q in self.notes]
         out = np.empty((lead + sum(lengths) + tail, 2), np.float32)
-        out[:, 0] = 440.0 * 2.0 ** ((tonic - 69) / 12)
+        out[:, 0] = midi_hz(tonic)
         out[:, 1] = FLOOR_DB
         attack = max(1, round(ATTACK_SECONDS / frame_seconds))
         release = max(1, round(RELEASE_SECONDS / frame_seconds))
@@ -81,7 +81,7 @@ class Sting:
         for (degree, _), length in zip(self.notes, lengths, strict=True):
             if degree is not None:
                 midi = tonic + 12 * (degree // len(steps)) + steps[degree % len(steps)]
-                f0 = 440.0 * 2.0 ** ((midi - 69) / 12)
+                f0 = midi_hz(midi)
                 while f0 > f0_range[1] and f0 / 2 >= f0_range[0]:
                     f0 /= 2
                 while f0 < f0_range[0] and f0 * 2 <= f0_range[1]:

@@ -79,6 +79,11 @@ def duration_token(quarters: float) -> int:
     return int(np.argmin([abs(math.log(quarters / d)) for d in DURATIONS]))
 
 
+def midi_hz(midi: float) -> float:
+    """Equal-tempered frequency of a MIDI note, A4 (69) = 440 Hz."""
+    return 440.0 * 2.0 ** ((midi - 69) / 12)
+
+
 def note_name(midi: int) -> str:
     return f"{NAMES[midi % 12]}{midi // 12 - 1}"
 

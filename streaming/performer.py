@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from wavecast.streaming.model import Manifest
+from wavecast.streaming.notes import midi_hz
 
 FLOOR_DB = -80.0  # loudness of silence
 ONSET_DB = 40.0  # an attack rises from this far under the note's level, or from what still sounds there
@@ -53,10 +54,6 @@ ARTICULATIONS = {
     73: Articulation(0.07, 0.16),  # flute
 }
 DEFAULT_ARTICULATION = Articulation(0.06, 0.15)
-
-
-def note_hz(midi: int) -> float:
-    return 440.0 * 2.0 ** ((midi - 69) / 12)
 
 
 def articulation_of(manifest: Manifest) -> Articulation:
@@ -151,7 +148,7 @@ class Performer:
         if note is None or note.midi is None or frame >= self.off_frame:
             self.out[1] = max(FLOOR_DB, self.out[1] - self.fall)
             return self.out
-        target = note_hz(note.midi)
+        target = midi_hz(note.midi)
         since = (frame - note.frame) * fs
         f0 = target
         if self.glide_from is not None and since < GLIDE_SECONDS:

@@ -8,11 +8,7 @@ import pytest
 from wavecast.models.data import INSTRUMENTS
 from wavecast.models.store import SHIPPED
 from wavecast.streaming.model import Manifest
-
-
-def note_hz(note: int) -> float:
-    return 440.0 * 2.0 ** ((note - 69) / 12)
-
+from wavecast.streaming.notes import midi_hz
 
 SHIPPED_INSTRUMENTS = sorted(name for name in INSTRUMENTS if (SHIPPED / name / "model.json").is_file())
 
@@ -33,5 +29,5 @@ def test_a_shipped_instrument_plays_the_real_instrument_s_range(name: str) -> No
     trained = manifest.training["data"]
     assert (trained["program"], trained["low_note"], trained["high_note"]) == (program, low, high)
     f0 = manifest.control("f0")
-    assert f0.min <= note_hz(low) * 1.0001 and f0.max >= note_hz(high) * 0.9999  # every trained note
-    assert f0.min >= note_hz(low - 1) and f0.max <= note_hz(high + 1)  # and not a semitone past them
+    assert f0.min <= midi_hz(low) * 1.0001 and f0.max >= midi_hz(high) * 0.9999  # every trained note
+    assert f0.min >= midi_hz(low - 1) and f0.max <= midi_hz(high + 1)  # and not a semitone past them

@@ -12,6 +12,7 @@ from wavecast.models.store import SHIPPED
 from wavecast.streaming.composer import ComposerModel
 from wavecast.streaming.engine import compose
 from wavecast.streaming.model import FrameModel, Manifest
+from wavecast.streaming.notes import midi_hz
 from wavecast.streaming.performer import (
     ARTICULATIONS,
     FLOOR_DB,
@@ -21,7 +22,6 @@ from wavecast.streaming.performer import (
     Performer,
     Phrasing,
     articulation_of,
-    note_hz,
 )
 
 FS = 0.01
@@ -47,9 +47,9 @@ def test_slurred_notes_glide_without_a_new_attack() -> None:
     between = curve[starts[1] - 2 : starts[1] + 6]
     assert between[:, 1].min() > -20.0 - 4.0  # no dip: the level moves only by the dynamics' few dB
     f0 = curve[starts[1] : starts[1] + 4, 0]
-    assert f0[0] == pytest.approx(note_hz(67), rel=1e-6)  # portamento from G to A over a few frames
-    assert f0[0] < f0[1] < f0[2] < f0[3] < note_hz(69)
-    assert curve[starts[1] + 10, 0] == pytest.approx(note_hz(69), rel=1e-6)
+    assert f0[0] == pytest.approx(midi_hz(67), rel=1e-6)  # portamento from G to A over a few frames
+    assert f0[0] < f0[1] < f0[2] < f0[3] < midi_hz(69)
+    assert curve[starts[1] + 10, 0] == pytest.approx(midi_hz(69), rel=1e-6)
 
 
 def test_detached_notes_release_into_the_next_attack() -> None:
