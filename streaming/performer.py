@@ -1,15 +1,15 @@
 """The performer: typed notes in, an instrument's per-frame f0 and loudness out.
 
 The composer (streaming.composer) decides what is played; the performer decides how, the way a player
-phrases a line: a note attacks with the instrument's own onset time, from whatever the previous note's
-tail still sounds (tails overlap the next attack, nothing is gated to silence first); `legato` is the
-chance that a note is slurred into the next one (held to the next start, the pitch gliding over, no new
-attack) and, for detached notes, how little of the note's end is released; a released note falls at
-the instrument's release rate but no more than LIFT_DB before the next note (a lift, not a stop), and a
-rest shorter than a quarter note falls to no more than ROOM_DB under the note before, as it rings on in a room,
-so that a phrase breathes instead of stopping dead. Dynamics
-follow the metre and the phrase: an accent on the downbeat, a swell to the middle of each 4-bar phrase,
-a little unevenness. Everything here runs on the inference thread, once a frame, with no allocation.
+phrases a line. A note attacks with the instrument's own onset time, from whatever the previous note's tail
+still sounds (tails overlap the next attack; nothing is gated to silence first). `legato` is the chance that
+a note is slurred into the next one (held to the next start, the pitch gliding over, no new attack) and, for
+detached notes, how little of the note's end is released. A released note falls at the instrument's release
+rate but no more than LIFT_DB before the next note (a lift, not a stop), and a rest shorter than a quarter
+note falls to no more than ROOM_DB under the note before, as it rings on in a room, so that a phrase
+breathes instead of stopping dead. Dynamics follow the metre and the phrase: an accent on the downbeat, a
+swell to the middle of each 4-bar phrase, a little unevenness. Everything here runs on the inference
+thread, once a frame, with no allocation.
 """
 
 from __future__ import annotations
