@@ -49,7 +49,7 @@ from wavecast.streaming.notes import (
     scale_mask,
     token_midi,
 )
-from wavecast.streaming.performer import DEFAULT_ARTICULATION, Articulation, Performer, Phrasing
+from wavecast.streaming.performer import DEFAULT_ARTICULATION, STOP_SECONDS, Articulation, Performer, Phrasing
 
 METRES = {"4/4": (4.0, False), "2/4": (2.0, False), "3/4": (3.0, True), "6/8": (3.0, True)}  # bar, triple
 ACTIONS = ("play", "pause", "reset")
@@ -407,16 +407,15 @@ class Voice:
         for action in actions:
             if action == "pause" and not self.paused:
                 self.paused = True
-                self.performer.release(frame)
+                self.performer.stop(frame)
             elif action == "play" and self.paused:
                 self.paused = False
                 self.next_time = None
-            elif action == "reset":  # release the note, then begin the piece again from the seed
-                self.performer.release(frame)
+            elif action == "reset":  # stop the note, then begin the piece again from the seed
                 self._restart()
                 self.performer.reset()
-                release = self.performer.articulation.release_seconds
-                self.next_time = (frame + round(release / self.frame_seconds)) * self.frame_seconds
+                self.performer.stop(frame)
+                self.next_time = (frame + round(STOP_SECONDS / self.frame_seconds)) * self.frame_seconds
                 if self.slot is not None:
                     self.group.pool.reset(self.slot)
         self.frame = frame

@@ -33,6 +33,9 @@ LIFT_DB = 30.0  # the most that release falls: a detached note lifts off, the ph
 ROOM_DB = 40.0  # a short rest (under a quarter note) falls to this far under the note before it, no further
 VIBRATO_HZ, VIBRATO_CENTS, VIBRATO_AFTER_SECONDS = 5.5, 30.0, 0.25
 ACCENT_DB, PHRASE_SWELL_DB, UNEVEN_DB = 2.0, 2.0, 1.0  # downbeat accent, 4-bar phrase swell, random +-
+# A pause or reset is someone stopping the music, not a note's natural end: the note falls 60 dB in this time
+# whatever the instrument (a violin's own release would add 180 ms to the dock's pause-to-silence)
+STOP_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -106,10 +109,10 @@ class Performer:
     def _release_fall(self) -> float:
         return 60.0 * self.frame_seconds / self.articulation.release_seconds
 
-    def release(self, frame: int) -> None:
-        """Let the note go from `frame` (pause, reset)."""
+    def stop(self, frame: int) -> None:
+        """Stop the note from `frame` within STOP_SECONDS (pause, reset)."""
         self.off_frame = min(self.off_frame, frame)
-        self.fall = self._release_fall()
+        self.fall = 60.0 * self.frame_seconds / STOP_SECONDS
 
     def play(self, note: Phrasing, volume: float, legato: float) -> None:
         """Start `note` (at its first frame). A slurred previous note (held to here) hands over without a
