@@ -46,7 +46,15 @@ import scipy.linalg  # noqa: E402
 from bench.composer import PIECES, form_figures, note_figures  # noqa: E402
 from wavecast.daemon.midi import write_midi  # noqa: E402
 from wavecast.models import corpus, data  # noqa: E402
-from wavecast.models.quality import curves_for, in_phrase  # noqa: E402
+from wavecast.models.quality import (  # noqa: E402
+    MELS,
+    TIMBRE_TAKES,
+    assess,
+    in_phrase,
+    log_mel,
+    note_frames,
+    spectral_table,
+)
 from wavecast.models.store import SHIPPED, default_work  # noqa: E402
 from wavecast.streaming.composer import ComposerModel, Note  # noqa: E402
 from wavecast.streaming.engine import compose, render  # noqa: E402
@@ -56,9 +64,8 @@ from wavecast.streaming.notes import Scale  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUMENTS = ("violin", "cello", "clarinet", "trumpet", "default")
 SR, HOP = data.SAMPLE_RATE, data.HOP
-SILENT_DB = -60.0
-N_FFT, MELS, MFCCS = 1024, 40, 20
-ONSET_FRAMES = 6  # the first 60 ms of a note
+SILENT_DB = -60.0  # in-phrase frames quieter than this are silent (the issue's figure)
+MFCCS = 20
 HELDOUT_PERFORMANCES = 4
 TARGETS = {"clipped_samples": 0, "peak_dbfs": -1.0, "in_phrase_silent": 0.02, "mfcc_ratio": 3.0,
            "repeated_bars": 0.25, "recurring_shapes": 0.30, "tonic_endings": 0.25, "composer_nll": 2.0,
@@ -67,27 +74,6 @@ TARGETS = {"clipped_samples": 0, "peak_dbfs": -1.0, "in_phrase_silent": 0.02, "m
 
 def log(msg: str) -> None:
     print(f"[musicality] {msg}", file=sys.stderr, flush=True)
-
-
-def mel_filters(n_fft: int = N_FFT, mels: int = MELS, low: float = 40.0, high: float = 16000.0) -> np.ndarray:
-    """[mels, bins] triangular filters, evenly spaced in mel (HTK formula)."""
-    mel = np.linspace(2595 * np.log10(1 + low / 700), 2595 * np.log10(1 + high / 700), mels + 2)
-    hz = 700 * (10 ** (mel / 2595) - 1)
-    bins = np.fft.rfftfreq(n_fft, 1 / SR)
-    rise = (bins[None] - hz[:-2, None]) / (hz[1:-1] - hz[:-2])[:, None]
-    fall = (hz[2:, None] - bins[None]) / (hz[2:] - hz[1:-1])[:, None]
-    return np.maximum(0.0, np.minimum(rise, fall))
-
-
-FILTERS = mel_filters()
-
-
-def log_mel(audio: np.ndarray) -> np.ndarray:
-    """[frames, MELS] log10 mel power, one frame a HOP (centred), floored at -100 dB."""
-    padded = np.pad(np.asarray(audio, np.float64), (N_FFT // 2, N_FFT // 2))
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP][: len(audio) // HOP]
-    power = np.abs(np.fft.rfft(frames * np.hanning(N_FFT), axis=1)) ** 2 / N_FFT
-    return np.log10(power @ FILTERS.T + 1e-10)
 
 
 def mfcc(audio: np.ndarray) -> np.ndarray:
@@ -222,68 +208,31 @@ def composer_nll(composer: ComposerModel) -> dict[str, Any]:
     return out
 
 
-def spectral_table(perfs: list[data.Performance]) -> dict[int, np.ndarray]:
-    """Each MIDI key's mean log-mel shape (relative to the frame's level) over steady frames: voiced, at
-    least ONSET_FRAMES into a note."""
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    for p in perfs:
-        mel, keys, steady = _frames(p)
-        for key in np.unique(keys[steady]):
-            pick = steady & (keys == key)
-            sums[int(key)] = sums.get(int(key), 0) + mel[pick].sum(0)
-            counts[int(key)] = counts.get(int(key), 0) + int(pick.sum())
-    return {k: sums[k] / counts[k] for k in sums}
-
-
-def _frames(p: data.Performance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A performance's log-mel relative to each frame's level, each frame's MIDI key, and which frames are
-    steady (voiced and ONSET_FRAMES or more into a note)."""
-    mel = log_mel(p.audio) - (p.loudness[:, None] / 10.0)
-    keys = np.round(69 + 12 * np.log2(np.maximum(p.f0, 1.0) / 440.0)).astype(int)
-    voiced = p.loudness > SILENT_DB
-    since = np.zeros(len(keys), int)
-    for i in range(1, len(keys)):
-        same = voiced[i] and voiced[i - 1] and keys[i] == keys[i - 1]
-        since[i] = since[i - 1] + 1 if same else 0
-    return mel, keys, voiced & (since >= ONSET_FRAMES)
-
-
-def instrument_gate(name: str, heldout_tunes: list[corpus.Tune]) -> dict[str, Any]:
-    """Log-mel L1 of the model, the per-key table and silence against FluidSynth on held-out performances."""
+def instrument_gate(name: str) -> dict[str, Any]:
+    """The store's timbre gate, as training measures it (`models.quality.assess` on `data.unseen`), on more
+    performances: log-mel L1 of the model, the per-key table and silence against FluidSynth; and how
+    loudness moves the timbre, model beside FluidSynth."""
     model = FrameModel(SHIPPED / name, device="cpu")
     recipe = data.Recipe(**{k: v for k, v in model.manifest.training["data"].items()
                             if k in data.Recipe.__dataclass_fields__})
-    train = data.build(recipe, default_work() / "data").train
-    table = spectral_table(train)
-    unseen = data.Recipe(**{**recipe.__dict__, "seed": recipe.seed + 1000})
-    scores: dict[str, dict[str, list[float]]] = {k: {"all": [], "onset": []} for k in ("model", "table", "silence")}
-    steady_frames: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": []}
-    for index in range(HELDOUT_PERFORMANCES):
-        perf = data.render_one(unseen, index, default_work() / "data", tunes=heldout_tunes)
-        out = render(model, len(perf.f0) * model.manifest.frame_seconds, 0, {}, curves=curves_for(model, perf))
-        ref = log_mel(perf.audio)
-        _, keys, steady = _frames(perf)
-        voiced = perf.loudness > SILENT_DB
-        onset = voiced & ~steady
-        known = np.array([k in table for k in keys])
-        guess = np.array([table.get(int(k), np.zeros(MELS)) for k in keys]) + perf.loudness[:, None] / 10.0
-        takes = {"model": log_mel(out), "table": guess, "silence": np.full_like(ref, -10.0)}
-        for what, mel in takes.items():
-            err = np.abs(mel - ref).mean(1)
-            scores[what]["all"] += err[voiced & known].tolist()
-            scores[what]["onset"] += err[onset & known].tolist()
-        for what, x in (("model", takes["model"][steady]), ("reference", ref[steady]),
-                        ("loudness", perf.loudness[steady]), ("keys", keys[steady])):
-            steady_frames[what].append(x)
-    result: dict[str, Any] = {"instrument": name, "performances": HELDOUT_PERFORMANCES,
-                              "frames": len(scores["model"]["all"]), "onset_frames": len(scores["model"]["onset"])}
-    loud, keys = np.concatenate(steady_frames["loudness"]), np.concatenate(steady_frames["keys"])
-    result["brightness_per_10db"] = {k: brightness_slope(np.concatenate(steady_frames[k]), loud, keys)
-                                     for k in ("model", "reference")}
+    table = spectral_table(data.build(recipe, default_work() / "data").train)
+    perfs = data.unseen(recipe, default_work() / "data", HELDOUT_PERFORMANCES)
+    assessed, rendered = assess(model, perfs, table)
+    l1 = assessed["log_mel_l1"]
+    result: dict[str, Any] = {"instrument": name, "performances": len(perfs), "frames": l1["frames"]["all"],
+                              "onset_frames": l1["frames"]["onset"]}
     for part in ("all", "onset"):
-        mean = {k: float(np.mean(v[part])) for k, v in scores.items()}
-        result[part] = {**mean, "gain_over_table": 1.0 - mean["model"] / mean["table"]}
+        result[part] = {**{k: l1[part][k] for k in TIMBRE_TAKES},
+                        "gain_over_table": 1.0 - l1[part]["model"] / l1[part]["table"]}
+    steady: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": []}
+    for perf, audio in zip(perfs, rendered, strict=True):
+        keys, _, frames = note_frames(perf)
+        for what, x in (("model", log_mel(audio["model"])), ("reference", log_mel(perf.audio)),
+                        ("loudness", perf.loudness), ("keys", keys)):
+            steady[what].append(x[frames])
+    loud, keys = np.concatenate(steady["loudness"]), np.concatenate(steady["keys"])
+    result["brightness_per_10db"] = {k: brightness_slope(np.concatenate(steady[k]), loud, keys)
+                                     for k in ("model", "reference")}
     log(f"{name}: log-mel L1 model {result['all']['model']:.3f}, table {result['all']['table']:.3f}, silence "
         f"{result['all']['silence']:.3f} ({result['all']['gain_over_table']:.0%} better); onsets model "
         f"{result['onset']['model']:.3f}, table {result['onset']['table']:.3f} "
@@ -304,16 +253,6 @@ def brightness_slope(mel: np.ndarray, loudness: np.ndarray, keys: np.ndarray) ->
         x[here] -= x[here].mean()
         y[here] -= y[here].mean()
     return 10.0 * float(np.sum(x * y) / max(float(np.sum(x * x)), 1e-9))
-
-
-def unseen_tunes() -> list[corpus.Tune]:
-    """Tunes of held-out families none of which the instruments' training data drew melodies from."""
-    tunes = corpus.load(corpus.SHIPPABLE, None, cache_dir=default_work() / "data")
-    used = {t.id for t in corpus.load(corpus.SHIPPABLE, data.Recipe().melodies, cache_dir=default_work() / "data")}
-    family = corpus.families(tunes)
-    touched = {f for f, t in zip(family, tunes, strict=True) if t.id in used}
-    held = corpus.heldout_split(tunes)
-    return [t for t, f, h in zip(tunes, family, held, strict=True) if h and f not in touched]
 
 
 def plot(pieces: dict[str, tuple[np.ndarray, np.ndarray, list[Note]]], path: Path) -> None:
@@ -404,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if "instruments" in args.skip:
         result["instruments"] = []
     else:
-        tunes = unseen_tunes()
-        log(f"held-out performances draw melodies from {len(tunes)} unseen tunes")
-        result["instruments"] = [instrument_gate(name, tunes) for name in INSTRUMENTS]
+        result["instruments"] = [instrument_gate(name) for name in INSTRUMENTS]
     result["seconds"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")

@@ -2,10 +2,11 @@
 
 Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/quality.py [--quick] [--model-dir DIR ...]
 For each instrument model it rebuilds the model's data recipe from its manifest (same FluidSynth renders,
-same cache as `wavecast train`), takes the held-out performances, renders each through the engine
-(`streaming.engine.render`, the live code path) with every frame's exact (f0, loudness) from the data and
-a fixed seed, and compares with the FluidSynth audio and with a dumb baseline driven by the same controls
-(`models.quality.baseline`: band-limited sawtooth + noise). Prints a table, progress to stderr, writes
+same cache as `wavecast train`), renders the performances the store's gate measures (unseen seeds and tunes,
+`data.unseen`) through the engine (`streaming.engine.render`, the live code path) with every frame's exact
+(f0, loudness) from the data and a fixed seed, and compares with the FluidSynth audio, with a dumb baseline
+driven by the same controls (`models.quality.baseline`: band-limited sawtooth + noise) and with the per-key
+spectral table of the training data (`models.quality.spectral_table`). Prints a table, progress to stderr, writes
 JSON (default bench/out/quality.json) and a PNG of spectrograms (default bench/out/quality.png).
 """
 
@@ -56,17 +57,18 @@ def recipe_of(model: FrameModel) -> tuple[data.Recipe, str | None]:
     return data.Recipe(**fields), key
 
 
-def heldout(recipe: data.Recipe, work: Path, quick: bool) -> list[data.Performance]:
-    """The recipe's held-out performances: from the cache (rendering and caching the whole dataset as
-    training does when it is missing), except with --quick, which takes the first one only and, with no
-    cache, renders just that one (not cached): a smoke test on a fresh machine takes seconds, not minutes."""
+def heldout(recipe: data.Recipe, work: Path, quick: bool) -> tuple[list[data.Performance], dict | None]:
+    """What the store's gate measures a model on: performances of unseen seeds and tunes (`data.unseen`), and
+    the per-key spectral table of the training data (from the cache, rendering and caching the whole dataset
+    as training does when it is missing). --quick takes one performance and, with no cache, no table (the
+    timbre figures are left out): a smoke test on a fresh machine takes seconds, not minutes."""
     cache = work / "data"
-    first = recipe.performances - recipe.heldout
+    perfs = data.unseen(recipe, cache, 1 if quick else None)
     if quick and not (cache / f"{recipe.key()}.npz").exists():
-        log(f"data: no cache for recipe {recipe.key()}; rendering held-out performance {first} only")
-        return [data.render_one(recipe, first, cache)] if recipe.heldout else []
-    perfs = data.build(recipe, cache, progress=lambda line: log(f"data: {line}")).heldout
-    return perfs[:1] if quick else perfs
+        log(f"data: no cache for recipe {recipe.key()}; timbre against the per-key table left out")
+        return perfs, None
+    dataset = data.build(recipe, cache, progress=lambda line: log(f"data: {line}"))
+    return perfs, quality.spectral_table(dataset.train)
 
 
 def check(name: str, value: float | None) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def check(name: str, value: float | None) -> dict[str, Any]:
 
 
 def evaluate(model_dir: Path, work: Path, seconds: float | None, quick: bool, seed: int) -> tuple[dict, dict]:
-    """Figures for one model, and the audio of its first held-out performance for the plot."""
+    """Figures for one model, and the audio of its first performance for the plot."""
     model = FrameModel(model_dir, device="cpu")
     m = model.manifest
     if (m.sample_rate, m.hop) != (data.SAMPLE_RATE, data.HOP):
@@ -86,10 +88,10 @@ def evaluate(model_dir: Path, work: Path, seconds: float | None, quick: bool, se
         log(f"warning: recipe key {recipe.key()} differs from {key} recorded at training (data code or "
             "SoundFont changed): the held-out audio is not what the model was evaluated on")
     log(f"{m.name} v{m.version}: recipe {recipe.key()} (GM program {recipe.program}, {recipe.heldout} held out)")
-    perfs = heldout(recipe, work, quick)
+    perfs, table = heldout(recipe, work, quick)
     if not perfs:
         raise SystemExit(f"{model_dir}: its recipe holds out no performances")
-    result, plot = quality.assess(model, perfs, seed, seconds, log=lambda line: log(f"  {line}"))
+    result, rendered = quality.assess(model, perfs, table, seed, seconds, log=lambda line: log(f"  {line}"))
     checks = {name: check(name, value) for name, value in result["metrics"].items()}
     training = m.training
     return {
@@ -99,7 +101,7 @@ def evaluate(model_dir: Path, work: Path, seconds: float | None, quick: bool, se
         "data": {**{k: getattr(recipe, k) for k in data.Recipe.__dataclass_fields__}, "key": recipe.key(),
                  "key_matches_training": key is None or key == recipe.key()},
         **result, "checks": checks, "pass": all(c["pass"] for c in checks.values()),
-    }, plot
+    }, rendered[0]
 
 
 def plot_spectrograms(results: list[dict], audios: list[dict], path: Path, seconds: float) -> None:
@@ -173,8 +175,15 @@ def report(results: list[dict]) -> str:
             row(f"  unvoiced % of {p['model']['frames']} frames", unvoiced),
             row("loudness correlation", (fmt(lc["model"]), fmt(lc["baseline"]), "1"), c["loudness_correlation"]),
             row("clicks", (str(r["clicks"]["model"]), "-", str(r["clicks"]["reference"])), c["clicks"]),
-            f"{'all gates':<30}{'PASS' if r['pass'] else 'FAIL':>10}",
         ]
+        if "log_mel_l1" in r:  # timbre against the per-key table of the training data
+            t = r["log_mel_l1"]
+            lines.append(f"{'timbre, log-mel L1':<30}{'model':>10}{'table':>10}{'silence':>12}")
+            for part, gate in (("all", "table_ratio"), ("onset", "onset_table_ratio")):
+                lines += [row(f"  {part} voiced, {t['frames'][part]} frames",
+                              tuple(fmt(t[part][k]) for k in quality.TIMBRE_TAKES)),
+                          row("  ratio model / table", (fmt(r["metrics"][gate]),), c[gate])]
+        lines.append(f"{'all gates':<30}{'PASS' if r['pass'] else 'FAIL':>10}")
     return "\n".join(lines)
 
 
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None,
                         help="evaluate at most this many seconds of each held-out performance (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 3 s of the first held-out performance only (about 20 s)")
+                        help="smoke test: 3 s of the first performance only (about 20 s)")
     parser.add_argument("--seed", type=int, default=0, help="engine noise seed and baseline noise seed")
     parser.add_argument("--plot-seconds", type=float, default=PLOT_SECONDS,
                         help=f"seconds of the first held-out performance in the PNG (default {PLOT_SECONDS:g})")

@@ -350,9 +350,10 @@ def gate(spec: dict) -> dict:
     """The store's quality gates on an instrument's held-out performances, with the mark on or off."""
     instrument = FrameModel(spec["dir"], device="cpu")
     recipe, _ = recipe_of(instrument)
-    perfs = heldout(recipe, Path(spec["work"]), spec["quick"])
+    perfs, table = heldout(recipe, Path(spec["work"]), spec["quick"])
     key = bench_key(spec["key_seed"]) if spec["marked"] else None
-    result, _ = metrics.assess(instrument, perfs, seed=0, seconds=spec["seconds"], watermark=key, serial=0x1234)
+    result, _ = metrics.assess(instrument, perfs, table, seed=0, seconds=spec["seconds"], watermark=key,
+                               serial=0x1234)
     checks = {name: check(name, value) for name, value in result["metrics"].items()}
     return {"kind": "gate", "spec": spec, "name": instrument.manifest.name, "checks": checks,
             "pass": all(c["pass"] for c in checks.values()), "distance": result["spectral_distance"]["model"],
@@ -404,7 +405,7 @@ def plan(a: argparse.Namespace) -> list[tuple[str, dict]]:
     for model_dir in instrument_dirs():
         for marked in (False, True):
             tasks.append(("gate", {"dir": str(model_dir), "marked": marked, "quick": a.quick, "key_seed": a.seed,
-                                   "seconds": 3.0 if a.quick else None, "work": str(a.work)}))
+                                   "seconds": 10.0 if a.quick else None, "work": str(a.work)}))
     longest = max(x.seconds for x in ATTACKS.values())
     seconds = longest + (2.0 if a.quick else 12.0)  # room for a random offset
     for i in range(a.pieces):
@@ -649,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {default_work()})")
     p.add_argument("--processes", type=int, default=2, help="detection processes (default 2)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test of about a minute: 1 piece each, every attack once, 9 unmarked clips, 3 s gates, "
-                        "32 streams (overrides the sizes above)")
+                   help="a smoke test of about a minute: 1 piece each, every attack once, 9 unmarked clips, "
+                        "10 s gates, 32 streams (overrides the sizes above)")
     a = p.parse_args(argv)
     if a.quick:
         a.pieces, a.fluidsynth, a.noise, a.speech, a.streams, a.ticks = 1, 1, 2, 1, 32, 20

@@ -57,6 +57,10 @@ INSTRUMENTS = {
 }
 
 
+UNSEEN_SEED = 1000  # the quality gate's performances come from the recipe's seed + this
+UNSEEN_TUNES = 50  # their melodies from this many tunes of each collection after the recipe's own
+
+
 @dataclass(frozen=True)
 class Recipe:
     program: int = 73  # GM program number, 0-based (73 = flute)
@@ -142,6 +146,28 @@ def render_one(recipe: Recipe, index: int, cache_dir: Path, tunes: list[corpus.T
     if tunes is None:
         tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir) if recipe.melodies else []
     return _performance(recipe, index, _gain(recipe), tunes)
+
+
+def unseen(recipe: Recipe, cache_dir: Path, count: int | None = None) -> list[Performance]:
+    """`count` (default the recipe's `heldout`) performances training never saw, for the quality gate: rendered
+    as the recipe's, but from seed + UNSEEN_SEED (other phrases, dynamics and bends) and, when the recipe
+    draws melodies, from the UNSEEN_TUNES tunes of each collection after the recipe's own, less any of the
+    same family as one of the recipe's (the same tune in another key, edition or collection: see
+    `corpus.families`), so that no performance replays a melody training heard."""
+    tunes: list[corpus.Tune] = []
+    if recipe.melodies:
+        loaded = corpus.load(corpus.SHIPPABLE, recipe.melodies + UNSEEN_TUNES, cache_dir)
+        taken: dict[str, int] = {}
+        seen = []  # the recipe's melodies: the first `melodies` tunes of each collection, as `build` loads them
+        for t in loaded:
+            taken[t.collection] = taken.get(t.collection, 0) + 1
+            seen.append(taken[t.collection] <= recipe.melodies)
+        family = corpus.families(loaded)
+        touched = {f for f, s in zip(family, seen, strict=True) if s}
+        tunes = [t for t, f in zip(loaded, family, strict=True) if f not in touched]
+    other = dataclasses.replace(recipe, seed=recipe.seed + UNSEEN_SEED)
+    return [_performance(other, index, _gain(other), tunes)
+            for index in range(recipe.heldout if count is None else count)]
 
 
 def render_midi_file(path: Path, samples: int, gain: float = _PROBE_GAIN) -> np.ndarray:

@@ -9,6 +9,9 @@ future verification step can use them without torch:
 - `loudness_correlation`: measured frame loudness against the loudness control.
 - `count_clicks`: isolated sample-to-sample jumps far beyond the signal's own.
 - `in_phrase`: the frames of a composed piece inside its phrases (where it should keep sounding).
+- `spectral_table`, `timbre_errors`: the fair non-neural baseline for timbre, each MIDI key's mean log-mel
+  shape over the training data's steady frames at the frame's level, and the per-frame log-mel L1 of the
+  model, that table and silence against the data, onset frames scored apart.
 - `assess`: all of them for a model over held-out performances; `metrics` is what the gate reads.
 """
 
@@ -27,6 +30,10 @@ from wavecast.streaming.model import FrameModel
 from wavecast.streaming.watermark import DELAY, Key
 
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)  # also the training loss's (models/train.py)
+MEL_FFT, MELS = 1024, 40  # the timbre figures' log-mel frames: a 21 ms window centred on each frame
+VOICED_DB = -60.0  # frames louder than this are scored for timbre
+ONSET_FRAMES = 6  # a note's first 60 ms: its onset, scored apart from the steady frames after it
+TIMBRE_TAKES = ("model", "table", "silence")
 
 
 def stft_magnitude(x: np.ndarray, n: int) -> np.ndarray:
@@ -218,6 +225,69 @@ def in_phrase(notes: list[Note], frames: int) -> np.ndarray:
     return keep
 
 
+def mel_filters(n_fft: int = MEL_FFT, mels: int = MELS, low: float = 40.0, high: float = 16000.0,
+                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """[mels, bins] triangular filters, evenly spaced in mel (HTK formula)."""
+    mel = np.linspace(2595 * np.log10(1 + low / 700), 2595 * np.log10(1 + high / 700), mels + 2)
+    hz = 700 * (10 ** (mel / 2595) - 1)
+    bins = np.fft.rfftfreq(n_fft, 1 / sample_rate)
+    rise = (bins[None] - hz[:-2, None]) / (hz[1:-1] - hz[:-2])[:, None]
+    fall = (hz[2:, None] - bins[None]) / (hz[2:] - hz[1:-1])[:, None]
+    return np.maximum(0.0, np.minimum(rise, fall))
+
+
+MEL_FILTERS = mel_filters()
+
+
+def log_mel(audio: np.ndarray, hop: int = HOP) -> np.ndarray:
+    """[frames, MELS] log10 mel power, one frame a hop (centred), floored at -100 dB."""
+    padded = np.pad(np.asarray(audio, np.float64), (MEL_FFT // 2, MEL_FFT // 2))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, MEL_FFT)[::hop][: len(audio) // hop]
+    power = np.abs(np.fft.rfft(frames * np.hanning(MEL_FFT), axis=1)) ** 2 / MEL_FFT
+    return np.log10(power @ MEL_FILTERS.T + 1e-10)
+
+
+def note_frames(perf: Performance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each frame's MIDI key, which frames are voiced, and which are steady (voiced and ONSET_FRAMES or more
+    into a note of one key)."""
+    keys = np.round(69 + 12 * np.log2(np.maximum(perf.f0, 1.0) / 440.0)).astype(int)
+    voiced = perf.loudness > VOICED_DB
+    since = np.zeros(len(keys), int)
+    for i in range(1, len(keys)):
+        same = voiced[i] and voiced[i - 1] and keys[i] == keys[i - 1]
+        since[i] = since[i - 1] + 1 if same else 0
+    return keys, voiced, voiced & (since >= ONSET_FRAMES)
+
+
+def spectral_table(perfs: list[Performance]) -> dict[int, np.ndarray]:
+    """Each MIDI key's mean log-mel shape, relative to the frame's level (loudness / 10), over the steady
+    frames of `perfs` (the training data): a lookup table, no learning."""
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for p in perfs:
+        keys, _, steady = note_frames(p)
+        shape = log_mel(p.audio) - p.loudness[:, None] / 10.0
+        for key in np.unique(keys[steady]):
+            pick = steady & (keys == key)
+            sums[int(key)] = sums.get(int(key), 0) + shape[pick].sum(0)
+            counts[int(key)] = counts.get(int(key), 0) + int(pick.sum())
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def timbre_errors(audio: np.ndarray, perf: Performance, table: dict[int, np.ndarray]
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per-frame log-mel L1 against `perf`'s audio of `audio`, of the table's shape for each frame's key at
+    the frame's level, and of silence; with the frames to score (voiced, a key the table has) and which of
+    them are onset frames."""
+    reference = log_mel(perf.audio)
+    keys, voiced, steady = note_frames(perf)
+    known = np.array([int(k) in table for k in keys], bool)
+    guess = np.array([table.get(int(k), np.zeros(MELS)) for k in keys]) + perf.loudness[:, None] / 10.0
+    takes = {"model": log_mel(audio), "table": guess, "silence": np.full_like(reference, -10.0)}
+    errors = {k: np.abs(v - reference).mean(1) for k, v in takes.items()}
+    return errors, voiced & known, voiced & known & ~steady
+
+
 def pitch_summary(cents: np.ndarray) -> dict[str, Any]:
     """Median and p95 of |error| over frames where a pitch was found; the unvoiced share reported apart."""
     found = np.abs(cents[np.isfinite(cents)])
@@ -239,17 +309,20 @@ def curves_for(model: FrameModel, perf: Performance) -> np.ndarray:
                      for c in model.manifest.controls], axis=1).astype(np.float32)
 
 
-def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: float | None = None,
-           log: Callable[[str], None] = lambda line: None, watermark: Key | None = None,
-           serial: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def assess(model: FrameModel, perfs: list[Performance], table: dict[int, np.ndarray] | None, seed: int = 0,
+           seconds: float | None = None, log: Callable[[str], None] = lambda line: None,
+           watermark: Key | None = None, serial: int = 0) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
     """Render each performance through the engine with its exact controls and measure it against the
-    FluidSynth audio and the baseline. Returns the figures and the first performance's audio (for plots).
-    With `watermark` the model's audio carries the mark of (key, `serial`) and is measured DELAY samples
-    later, where it lines up with the data (the marker delays what it marks)."""
+    FluidSynth audio, the saw+noise baseline and, given the training data's `spectral_table`, that table
+    (timbre: all frames and onset frames; None leaves those figures out). Returns the figures and each
+    performance's audio (model, baseline, reference). With `watermark` the model's audio carries the mark of
+    (key, `serial`) and is measured DELAY samples later, where it lines up with the data (the marker delays
+    what it marks)."""
     m = model.manifest
     if not perfs:
         raise ValueError("no performances to assess")
-    rows, plot = [], {}
+    rows, rendered = [], []
+    timbre: dict[str, dict[str, list[np.ndarray]]] = {k: {"all": [], "onset": []} for k in TIMBRE_TAKES}
     cents: dict[str, list[np.ndarray]] = {"model": [], "baseline": [], "reference": []}
     loud: dict[str, list[np.ndarray]] = {"model": [], "baseline": []}
     for index, perf in enumerate(perfs):
@@ -274,9 +347,13 @@ def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: 
         # One frame of silence in front: the jump from nothing to the first sample counts, as at a stream start.
         silence = np.zeros(m.hop, np.float32)
         row["clicks"] = {k: count_clicks(np.concatenate([silence, audio[k]])) for k in ("model", "reference")}
+        if table is not None:
+            errors, scored, onset = timbre_errors(out, perf, table)
+            for k, e in errors.items():
+                timbre[k]["all"].append(e[scored])
+                timbre[k]["onset"].append(e[onset])
         rows.append(row)
-        if index == 0:
-            plot = audio
+        rendered.append(audio)
         sd = row["spectral_distance"]
         log(f"held-out {index + 1}/{len(perfs)}: {row['seconds']:.1f} s, spectral distance model {sd['model']:.3f} "
             f"baseline {sd['baseline']:.3f}, clicks {row['clicks']['model']}")
@@ -301,11 +378,27 @@ def assess(model: FrameModel, perfs: list[Performance], seed: int = 0, seconds: 
         "spectral_distance": distance, "pitch_cents": pitch, "loudness_correlation": correlation,
         "clicks": clicks, "metrics": metrics, "performances": rows,
     }
-    return result, plot
+    if table is not None:  # log-mel L1 per frame, averaged over every scored frame of every performance
+        l1 = {part: {k: _mean(timbre[k][part]) for k in TIMBRE_TAKES} for part in ("all", "onset")}
+        l1["frames"] = {part: int(sum(len(e) for e in timbre["model"][part])) for part in ("all", "onset")}
+        result["log_mel_l1"] = l1
+        metrics["table_ratio"] = _ratio(l1["all"]["model"], l1["all"]["table"])
+        metrics["onset_table_ratio"] = _ratio(l1["onset"]["model"], l1["onset"]["table"])
+    return result, rendered
+
+
+def _mean(parts: list[np.ndarray]) -> float | None:
+    joined = np.concatenate(parts) if parts else np.zeros(0)
+    return float(joined.mean()) if len(joined) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def verification_quality(assessed: dict) -> dict:
     """The manifest's `verification.quality` block from an `assess` result (what the store's gate reads)."""
-    return {**assessed["metrics"], "spectral_distance": assessed["spectral_distance"]["model"],
-            "baseline_distance": assessed["spectral_distance"]["baseline"],
-            "heldout_seconds": assessed["seconds_evaluated"]}
+    figures = {**assessed["metrics"], "spectral_distance": assessed["spectral_distance"]["model"],
+               "baseline_distance": assessed["spectral_distance"]["baseline"],
+               "heldout_seconds": assessed["seconds_evaluated"]}
+    return figures | ({"log_mel_l1": assessed["log_mel_l1"]} if "log_mel_l1" in assessed else {})

@@ -52,6 +52,10 @@ QUALITY_TARGETS: dict[str, Rule] = {  # an instrument's, on held-out performance
     "pitch_p95_cents": ("below", 30.0),
     "loudness_correlation": ("above", 0.95),
     "clicks": ("max", 0),
+    # timbre against the fair non-neural baseline: each key's mean spectrum from the training data, at the
+    # frame's level (models/quality.py), log-mel L1 on voiced frames and on onset frames (a note's first 60 ms)
+    "table_ratio": ("max", 1.1),
+    "onset_table_ratio": ("below", 1.0),
 }
 
 

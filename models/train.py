@@ -185,8 +185,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         parity = verify_parity(model, frame_model)
         pitch = verify_pitch(frame_model, tuple(f for f in PITCH_CHECKS if f0_range[0] <= f <= f0_range[1]))
         log(f"parity max |torch-ORT| {parity['max_abs_audio']:.2e}, max f0 error {pitch['max_f0_relative_error']:.4%}")
-        log(f"quality on {len(dataset.heldout)} held-out performance(s), through the engine")
-        assessed, _ = quality.assess(frame_model, dataset.heldout, log=lambda line: log(f"quality: {line}"))
+        unseen = data.unseen(recipe, work / "data")
+        log(f"quality on {len(unseen)} performance(s) of unseen seeds and tunes, through the engine, against the "
+            "per-key spectral table of the training data")
+        assessed, _ = quality.assess(frame_model, unseen, quality.spectral_table(dataset.train),
+                                     log=lambda line: log(f"quality: {line}"))
         verification = {"parity": parity, "pitch": pitch, "quality": quality.verification_quality(assessed),
                         **POLICIES["instrument"].record()}
         log("quality: " + ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} unmeasured"

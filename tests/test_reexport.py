@@ -79,8 +79,12 @@ def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
     assert ops["Sin"] == ops["Cos"] == 0, ops
     assert ops["GatherElements"] == 1 and ops["LSTM"] == 1
     assert graph_synthesis(manifest) == {"oscillator": "wavetable", "table_points": 256, "table_order": 2}
-    record = manifest.training["reexport"]
-    assert record["command"].startswith("wavecast export")
+    chain = [manifest.training["reexport"]]  # the latest re-export first, each keeping the one before
+    while "previous" in chain[-1]:
+        chain.append(chain[-1]["previous"])
+    assert all(r["command"].startswith("wavecast export") for r in chain)
+    assert all(r["snr_db"] is None and r["max_abs_diff"] == 0 for r in (e["equivalence"] for e in chain[:-1]))
+    record = chain[-1]  # the one that brought the wavetable
     assert record["from_synthesis"] == {"oscillator": "blocks"} and len(record["from_sha256"]) == 64
     assert record["from_sha256"] != manifest.onnx["sha256"] == file_sha256(directory / "model.onnx")
     assert record["weights_check"]["max_abs_audio"] < 1e-5  # the weights read back reproduced the old file

@@ -31,7 +31,11 @@ def test_quick_training_publishes_a_verified_model(tmp_path: Path) -> None:
     assert m.training["steps"] == 600 and m.training["data"]["program"] == 73
     assert m.verification["parity"]["steps"] >= 200 and m.verification["parity"]["max_abs_audio"] < 1e-4
     assert m.verification["quality"]["heldout_seconds"] == 8.0 and m.verification["quality"]["clicks"] == 0
-    assert set(m.verification["thresholds"]) >= {"spectral_ratio", "pitch_p95_cents", "loudness_correlation"}
+    assert set(m.verification["thresholds"]) >= {"spectral_ratio", "pitch_p95_cents", "loudness_correlation",
+                                                  "table_ratio", "onset_table_ratio"}
+    timbre = m.verification["quality"]["log_mel_l1"]  # on voiced frames, onsets apart, beside the per-key table
+    assert timbre["frames"]["all"] > 300 and timbre["frames"]["onset"] > 30, timbre
+    assert timbre["all"]["model"] <= 1.1 * timbre["all"]["table"] < timbre["all"]["silence"] / 4, timbre
     audio = render(model, 1.0, 0, {"f0": 440.0, "loudness": -20.0})
     assert abs(estimate_f0(audio[24_000:], 48_000) / 440 - 1) < 0.01
     # A finished run leaves no checkpoint behind to resume from.
