@@ -248,15 +248,15 @@ def log_mel(audio: np.ndarray, hop: int = HOP) -> np.ndarray:
 
 
 def note_frames(perf: Performance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each frame's MIDI key, which frames are voiced, and which are steady (voiced and ONSET_FRAMES or more
-    into a note of one key)."""
+    """Each frame's MIDI key, which frames are voiced, and how many frames into its note each is (voiced
+    frames of one key in a row; ONSET_FRAMES or more: a steady frame)."""
     keys = np.round(69 + 12 * np.log2(np.maximum(perf.f0, 1.0) / 440.0)).astype(int)
     voiced = perf.loudness > VOICED_DB
     since = np.zeros(len(keys), int)
     for i in range(1, len(keys)):
         same = voiced[i] and voiced[i - 1] and keys[i] == keys[i - 1]
         since[i] = since[i - 1] + 1 if same else 0
-    return keys, voiced, voiced & (since >= ONSET_FRAMES)
+    return keys, voiced, since
 
 
 def spectral_table(perfs: list[Performance]) -> dict[int, np.ndarray]:
@@ -265,7 +265,8 @@ def spectral_table(perfs: list[Performance]) -> dict[int, np.ndarray]:
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
     for p in perfs:
-        keys, _, steady = note_frames(p)
+        keys, voiced, since = note_frames(p)
+        steady = voiced & (since >= ONSET_FRAMES)
         shape = log_mel(p.audio) - p.loudness[:, None] / 10.0
         for key in np.unique(keys[steady]):
             pick = steady & (keys == key)
@@ -280,12 +281,12 @@ def timbre_errors(audio: np.ndarray, perf: Performance, table: dict[int, np.ndar
     the frame's level, and of silence; with the frames to score (voiced, a key the table has) and which of
     them are onset frames."""
     reference = log_mel(perf.audio)
-    keys, voiced, steady = note_frames(perf)
+    keys, voiced, since = note_frames(perf)
     known = np.array([int(k) in table for k in keys], bool)
     guess = np.array([table.get(int(k), np.zeros(MELS)) for k in keys]) + perf.loudness[:, None] / 10.0
     takes = {"model": log_mel(audio), "table": guess, "silence": np.full_like(reference, -10.0)}
     errors = {k: np.abs(v - reference).mean(1) for k, v in takes.items()}
-    return errors, voiced & known, voiced & known & ~steady
+    return errors, voiced & known, voiced & known & (since < ONSET_FRAMES)
 
 
 def pitch_summary(cents: np.ndarray) -> dict[str, Any]:
