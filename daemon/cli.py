@@ -761,6 +761,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=number(int, 8, 4096), default=128, help="LSTM width (default: %(default)s)")
     p.add_argument("--lr", type=number(float, 1e-7, 1.0), default=2e-3,
                    help="peak learning rate (default: %(default)s)")
+    p.add_argument("--mel-weight", type=number(float, 0.0, 100.0), default=1.0,
+                   help="weight of a log-mel L1 term added to the spectral loss, which weighs every band alike as "
+                        "the gate's timbre figures do; 0 trains on the spectral loss alone, as the shipped "
+                        "instruments were (default: %(default)s)")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for data, init and batches")
     add_run_arguments(p, "data cache and checkpoints")
 

@@ -68,6 +68,19 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss / len(quality.FFT_SIZES)
 
 
+def mel_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 of log-mel band powers (models/quality.py's `log_mel`: what the gate's timbre figures compare),
+    which weighs every band alike where `spectral_loss` weighs the loud low bins and the gaps between
+    harmonics."""
+    window = torch.hann_window(quality.MEL_FFT, periodic=False, device=pred.device)  # numpy's hanning
+    filters = torch.as_tensor(quality.MEL_FILTERS, dtype=pred.dtype, device=pred.device)
+    frames = pred.shape[-1] // data.HOP
+    mels = [torch.log10(filters @ (torch.stft(x, quality.MEL_FFT, data.HOP, window=window, pad_mode="constant",
+                                              return_complex=True)[..., :frames].abs() ** 2 / quality.MEL_FFT)
+                        + 1e-10) for x in (pred, target)]
+    return (mels[0] - mels[1]).abs().mean()
+
+
 def sample_batch(
     perfs: list[data.Performance], batch: int, frames: int, rng: np.random.Generator, noise_width: int
 ) -> tuple[torch.Tensor, ...]:
@@ -129,7 +142,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model_code = hashlib.sha256(Path(instrument.__file__).read_bytes()).hexdigest()[:12]
     settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
-                "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed}
+                "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed, "mel_weight": args.mel_weight}
     checkpoint = Checkpoint(work, args.name, settings)
     first, history, earlier_seconds = checkpoint.resume(model, optimizer, args.device)
     if first:
@@ -144,7 +157,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         control, noise, target, phase = (t.to(args.device) for t in sample_batch(
             dataset.train, batch, frames, rng, model.noise_width))
         h, c, _, amp, tail = (s.to(args.device) for s in model.initial_state(batch))
-        loss = spectral_loss(model(control, noise, h, c, phase, amp, tail)[0], target)
+        audio = model(control, noise, h, c, phase, amp, tail)[0]
+        loss = spectral_loss(audio, target)
+        if args.mel_weight:
+            loss = loss + args.mel_weight * mel_loss(audio, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
@@ -205,7 +221,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "training": {
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
                 "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
-                "seconds": round(earlier_seconds + time.time() - started, 1), "device": args.device,
+                "mel_weight": args.mel_weight, "seconds": round(earlier_seconds + time.time() - started, 1),
+                "device": args.device,
                 "final_loss": float(np.mean(history[-PROGRESS_EVERY:])), "heldout_loss": heldout_loss,
                 "code_revision": revision, "torch": torch.__version__,
             },

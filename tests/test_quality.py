@@ -46,6 +46,18 @@ def test_spectral_distance_matches_the_training_loss() -> None:
     assert quality.spectral_distance(a, b) == pytest.approx(expected, rel=1e-3)
 
 
+def test_the_training_mel_term_is_the_gates_log_mel_distance() -> None:
+    torch = pytest.importorskip("torch")
+    train = pytest.importorskip("wavecast.models.train")
+    rng = np.random.default_rng(4)
+    a = (sine(330, -20, 9600) + 0.01 * rng.standard_normal(9600)).astype(np.float32)
+    b = (sine(440, -30, 9600) + 0.001 * rng.standard_normal(9600)).astype(np.float32)
+    expected = np.abs(quality.log_mel(a) - quality.log_mel(b)).mean()
+    assert expected > 0.3  # far apart
+    measured = float(train.mel_loss(torch.from_numpy(a)[None], torch.from_numpy(b)[None]))
+    assert measured == pytest.approx(expected, rel=1e-3)
+
+
 def test_baseline_follows_loudness_and_pitch() -> None:
     # Silence, a steady 220 Hz note, a crescendo, a glide up a fifth, a steady 330 Hz note, silence.
     f0 = np.concatenate([np.full(90, 220.0), np.geomspace(220, 330, 20), np.full(70, 330.0)])

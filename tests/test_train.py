@@ -29,6 +29,7 @@ def test_quick_training_publishes_a_verified_model(tmp_path: Path) -> None:
     m = model.manifest
     assert m.training["command"].startswith("wavecast train instrument --quick")
     assert m.training["steps"] == 600 and m.training["data"]["program"] == 73
+    assert m.training["mel_weight"] == 1.0  # the default: a log-mel term beside the spectral loss
     assert m.verification["parity"]["steps"] >= 200 and m.verification["parity"]["max_abs_audio"] < 1e-4
     assert m.verification["quality"]["heldout_seconds"] == 8.0 and m.verification["quality"]["clicks"] == 0
     assert set(m.verification["thresholds"]) >= {"spectral_ratio", "pitch_p95_cents", "loudness_correlation",
