@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 
 from bench.composer import PIECES, form_figures, note_figures  # noqa: E402
+from bench.quality import recipe_of  # noqa: E402
 from wavecast.daemon.midi import write_midi  # noqa: E402
 from wavecast.models import corpus, data  # noqa: E402
 from wavecast.models.quality import (  # noqa: E402
@@ -259,8 +260,7 @@ def instrument_gate(name: str) -> dict[str, Any]:
     performances: log-mel L1 of the model, the per-key table and silence against FluidSynth; and how
     loudness moves the timbre, model beside FluidSynth."""
     model = FrameModel(SHIPPED / name, device="cpu")
-    recipe = data.Recipe(**{k: v for k, v in model.manifest.training["data"].items()
-                            if k in data.Recipe.__dataclass_fields__})
+    recipe, _ = recipe_of(model)
     train = data.build(recipe, default_work() / "data").train
     table, lookup = spectral_table(train), onset_level_lookup(train)
     perfs = data.unseen(recipe, default_work() / "data", HELDOUT_PERFORMANCES)
