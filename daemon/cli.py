@@ -765,6 +765,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of a log-mel L1 term added to the spectral loss, which weighs every band alike as "
                         "the gate's timbre figures do; 0 trains on the spectral loss alone, as the shipped "
                         "instruments were (default: %(default)s)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from the weights of this instrument in the store (NAME or NAME@VERSION, e.g. "
+                        "default) instead of random ones: the same --hidden; a model that learned an instrument's "
+                        "fundamental over a wide range keeps it on a narrow one")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for data, init and batches")
     add_run_arguments(p, "data cache and checkpoints")
 

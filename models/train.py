@@ -31,7 +31,7 @@ from wavecast.models.runs import (
     timings,
     write_record,
 )
-from wavecast.models.store import NAME_RULE, POLICIES, default_name, default_work, valid_name
+from wavecast.models.store import NAME_RULE, POLICIES, ModelStore, default_name, default_work, valid_name
 from wavecast.streaming.model import FrameModel, Manifest
 from wavecast.streaming.notes import midi_hz
 
@@ -108,6 +108,25 @@ def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, devi
         return float(spectral_loss(model(control, noise, *state)[0], target))
 
 
+def initial_weights(ref: str, store: Path | None, cfg: InstrumentConfig) -> tuple[dict, dict]:
+    """The weights of instrument `ref` (NAME or NAME@VERSION in the store) to start training from, and what the
+    manifest records of where they came from."""
+    from wavecast.models.reexport import load_instrument  # it imports this module's control smoothing
+
+    try:
+        entry = ModelStore(store).resolve(ref)
+    except KeyError as e:
+        raise SystemExit(f"error: --init: {e.args[0]}") from None
+    if entry.manifest.kind != "instrument":
+        raise SystemExit(f"error: --init {ref}: '{entry.manifest.name}' is a {entry.manifest.kind}; start from an "
+                         "instrument ('wavecast models' lists them), or leave --init out")
+    donor, manifest = load_instrument(entry.directory)
+    if donor.cfg != cfg:
+        raise SystemExit(f"error: --init {ref}: its model is {donor.cfg.to_dict()}, this run's {cfg.to_dict()}; "
+                         "train with its --hidden, or leave --init out")
+    return donor.state_dict(), {"model": manifest.name, "version": manifest.version, "sha256": manifest.onnx["sha256"]}
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     started, revision = time.time(), code_revision()  # the code this run starts with
     args.name = args.name or default_name("instrument", args.quick, args.instrument)
@@ -128,21 +147,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                          **({"performances": 5, "seconds": 8.0, "heldout": 1, "melodies": 0} if args.quick else {}))
     # the f0 control covers every note the model was trained on (the violin's top C7 is 2093 Hz)
     f0_range = [max(30.0, round(midi_hz(recipe.low_note), 2)), round(midi_hz(recipe.high_note), 2)]
+    cfg = InstrumentConfig(hidden=args.hidden)
+    weights, init = initial_weights(args.init, args.store, cfg) if args.init else (None, None)  # refused before data
     work = args.work or default_work()
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
     runs.report("data")
     dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
 
-    cfg = InstrumentConfig(hidden=args.hidden)
     # Trained with the exact oscillator, exported with the wavetable (the same sound to ~86 dB, half the
     # cost): early on, when the harmonic distribution is still flat, the wavetable's error on the highest
     # harmonics is large enough to steer training elsewhere (the --quick run ends at loss 0.65 and fails
     # its gates with it, 0.56 and passes without).
-    model = Instrument(cfg, oscillator="blocks").to(args.device)
+    model = Instrument(cfg, oscillator="blocks")
+    if init:
+        model.load_state_dict(weights)
+        log(f"starting from the weights of {init['model']} v{init['version']}")
+    model = model.to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model_code = hashlib.sha256(Path(instrument.__file__).read_bytes()).hexdigest()[:12]
     settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
-                "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed, "mel_weight": args.mel_weight}
+                "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed,
+                "mel_weight": args.mel_weight, "init": init}
     checkpoint = Checkpoint(work, args.name, settings)
     first, history, earlier_seconds = checkpoint.resume(model, optimizer, args.device)
     if first:
@@ -221,7 +246,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "training": {
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
                 "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
-                "mel_weight": args.mel_weight, "seconds": round(earlier_seconds + time.time() - started, 1),
+                "mel_weight": args.mel_weight, **({"init": init} if init else {}),
+                "seconds": round(earlier_seconds + time.time() - started, 1),
                 "device": args.device,
                 "final_loss": float(np.mean(history[-PROGRESS_EVERY:])), "heldout_loss": heldout_loss,
                 "code_revision": revision, "torch": torch.__version__,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, wavecast_command
+from wavecast.models.quality import log_mel
 from wavecast.models.store import ModelStore
 from wavecast.streaming.analysis import estimate_f0
 from wavecast.streaming.engine import render
@@ -41,3 +43,25 @@ def test_quick_training_publishes_a_verified_model(tmp_path: Path) -> None:
     assert abs(estimate_f0(audio[24_000:], 48_000) / 440 - 1) < 0.01
     # A finished run leaves no checkpoint behind to resume from.
     assert list((work / "runs").glob("quick-*.pt")) == []
+
+
+@pytest.mark.slow
+def test_training_can_start_from_an_instrument_in_the_store(tmp_path: Path) -> None:
+    """--init: a run starts from a stored instrument's weights (refused before any data work when it names no
+    instrument), and its manifest says which."""
+    store, work = tmp_path / "store", tmp_path / "work"
+    base = [*wavecast_command(), "train", "instrument", "--quick", "--work", str(work), "--store", str(store)]
+    for ref, says in (("folk", "'folk' is a composer; start from an instrument"), ("nope", "unknown model 'nope'")):
+        refused = subprocess.run([*base, "--init", ref], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and says in refused.stderr, refused.stderr[-2000:]
+    assert not (work / "data").exists()
+    cmd = [*base, "--init", "default", "--steps", "1", "--lr", "1e-7", "--name", "warm"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warm, default = (FrameModel(ModelStore(store).resolve(n).directory) for n in ("warm", "default"))
+    assert warm.manifest.training["init"] == {"model": "default", "version": default.manifest.version,
+                                              "sha256": default.manifest.onnx["sha256"]}
+    # One tiny step on from the default's weights, it plays the default's sound (a fresh model would not).
+    tone = {"f0": 440.0, "loudness": -20.0}
+    gap = np.abs(log_mel(render(warm, 1.0, 0, tone)) - log_mel(render(default, 1.0, 0, tone))).mean()
+    assert gap < 0.05, gap
