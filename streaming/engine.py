@@ -67,6 +67,7 @@ WARM_FRAMES = 20  # frames a new version runs on a moving stream's controls befo
 SHARED_STATES = ("phase",)  # states carried from the old slot to the new: the oscillator's running phase
 MAX_STINGS = 2  # stings one stream may play at once
 LIMIT = 10 ** (-1 / 20)  # the limiter's ceiling: -1 dBFS, so no documented control value clips
+LIMIT_F32 = np.float32(LIMIT)  # 0.8912509: float32 rounds LIMIT down (3e-8 under it), so a clip here holds it
 LIMIT_RELEASE_DB_PER_S = 60.0  # how fast a limited stream's gain comes back
 BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # batch sizes a CUDA group pads to: few shapes to plan for
 
@@ -260,7 +261,8 @@ class Group:
         np.minimum(gain, before[rows, None], out=gain)
         gain *= self.rise
         gain[gain > 1.0 - 1e-6] = 1.0  # back to full gain exactly (float32 r^-k * r^k can fall a rounding short)
-        audio[rows] = x * gain
+        # x * LIMIT / |x| can round a float32 ulp past LIMIT: the clip makes the ceiling exact
+        audio[rows] = np.clip(x * gain, -LIMIT_F32, LIMIT_F32)
         self.limit_gain[slots[rows]] = gain[:, -1]
         self.limited += int(np.count_nonzero(peak[rows] > LIMIT))
         self.limiting = bool((self.limit_gain < 1.0).any())

@@ -14,15 +14,10 @@ SHIPPED_INSTRUMENTS = sorted(name for name in INSTRUMENTS if (SHIPPED / name / "
 
 
 def test_the_instruments_ship() -> None:
-    assert {"violin", "cello", "clarinet", "trumpet"} <= set(SHIPPED_INSTRUMENTS)
+    assert {"violin", "cello", "clarinet", "trumpet", "flute"} <= set(SHIPPED_INSTRUMENTS)
 
 
-HELD_BACK = pytest.mark.xfail(strict=True, reason="the violin retrained with its control up to C7 was not shipped: "
-                              "the watermark sat only 26.5 dB under its two weakest bands (bench/RESULTS.md)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=HELD_BACK) if n == "violin" else n
-                                  for n in SHIPPED_INSTRUMENTS])
+@pytest.mark.parametrize("name", SHIPPED_INSTRUMENTS)
 def test_a_shipped_instrument_plays_the_real_instrument_s_range(name: str) -> None:
     manifest = Manifest.read(SHIPPED / name / "model.json")
     program, low, high = INSTRUMENTS[name]

@@ -1,9 +1,10 @@
 """Re-exporting a trained instrument with the wavetable oscillator: same weights, same audio, cheaper graph.
 
-The shipped models were trained and first exported with the "blocks" oscillator (sines and cosines per
-frame); `wavecast export` read their weights back out of those graphs and re-exported them. These tests
-rebuild such an old-style graph from a shipped model's weights and check that the re-export path and the
-new graph reproduce its audio, at low and high f0 and through loudness swells.
+The first shipped models were trained and exported with the "blocks" oscillator (sines and cosines per frame);
+`wavecast export` read their weights back out of those graphs and re-exported them (`default` still is one of
+them; the others were trained since, and exported with the wavetable). These tests rebuild such an old-style
+graph from each shipped model's weights and check that the re-export path and the new graph reproduce its
+audio, at low and high f0 and through loudness swells.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from wavecast.models.store import SHIPPED  # noqa: E402
 from wavecast.models.train import CONTROL_SMOOTHING_SECONDS  # noqa: E402
 from wavecast.streaming.model import FrameModel, Manifest, file_sha256  # noqa: E402
 
-INSTRUMENTS = ("default", "violin", "cello", "clarinet")
-# What the re-export of each shipped model measured, new graph vs old over export.control_path (240 frames).
-MEASURED_SNR_DB = {"default": 110.3, "violin": 89.8, "cello": 87.4, "clarinet": 86.3}
+INSTRUMENTS = tuple(sorted(p.parent.name for p in SHIPPED.glob("*/model.json")
+                           if json.loads(p.read_text())["kind"] == "instrument"))
+# The shipped models first exported with the "blocks" oscillator, and what their re-export measured, new graph
+# vs old over export.control_path (240 frames); the others were trained and exported with the wavetable.
+MEASURED_SNR_DB = {"default": 110.3}
 
 
 def old_style_copy(source: Path, directory: Path) -> Path:
@@ -79,6 +82,13 @@ def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
     assert ops["Sin"] == ops["Cos"] == 0, ops
     assert ops["GatherElements"] == 1 and ops["LSTM"] == 1
     assert graph_synthesis(manifest) == {"oscillator": "wavetable", "table_points": 256, "table_order": 2}
+    assert manifest.training["steps"] >= 3000  # the training provenance is kept
+    assert manifest.verification["parity"]["max_abs_audio"] <= manifest.verification["parity_limit"]
+    if name not in MEASURED_SNR_DB:  # trained by this code: the manifest records the command, no re-export
+        assert manifest.training["command"].startswith("wavecast train instrument"), manifest.training["command"]
+        reexported = manifest.training.get("reexport")  # a quality re-measure keeps the graph it found
+        assert reexported is None or reexported["from_synthesis"] == graph_synthesis(manifest)
+        return
     chain = [manifest.training["reexport"]]  # the latest re-export first, each keeping the one before
     while "previous" in chain[-1]:
         chain.append(chain[-1]["previous"])
@@ -89,8 +99,6 @@ def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
     assert record["from_sha256"] != manifest.onnx["sha256"] == file_sha256(directory / "model.onnx")
     assert record["weights_check"]["max_abs_audio"] < 1e-5  # the weights read back reproduced the old file
     assert record["equivalence"]["snr_db"] >= max(EQUIVALENCE_SNR_DB, MEASURED_SNR_DB[name] - 0.5)
-    assert manifest.verification["parity"]["max_abs_audio"] <= manifest.verification["parity_limit"]
-    assert manifest.training["steps"] >= 3000  # the training provenance is kept
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +113,9 @@ def old_default(old_graphs: dict[str, Path]) -> Path:
 
 
 # Bounds below what was measured (SNR of new vs old, dB): all five paths within the model's f0 range
-# default 102.9, violin 92.8, cello 86.1, clarinet 88.8 (max |new - old| 4.9e-5 .. 3.5e-4); 55 Hz alone
-# (below cello's and clarinet's range, their brightest case) 102.6, 88.0, 75.5, 81.2; 1500 Hz alone
-# 112.8, 105.7, 100.9, 105.1. The exact formulation ("blocks") is itself ~90 dB from float64.
+# default 102.9, violin 93.4, cello 85.3, clarinet 97.8, trumpet 96.0 (max |new - old| 3.4e-5 .. 3.0e-4); 55 Hz
+# alone (below the others' ranges, their brightest case) 102.6, 85.8, 75.5, 100.0, 90.8; 1500 Hz alone 112.8,
+# 105.0, 99.4, 105.2, 96.5. The exact formulation ("blocks") is itself ~90 dB from float64.
 @pytest.mark.parametrize("name", INSTRUMENTS)
 def test_new_graph_reproduces_the_old_audio(name: str, old_graphs: dict[str, Path]) -> None:
     """Each shipped model (wavetable) vs its weights in the old graph: 120 stateful frames, 55-1500 Hz."""
@@ -154,11 +162,11 @@ def test_reexport_refuses_weights_that_do_not_reproduce_their_graph(
     old_graphs: dict[str, Path], tmp_path: Path
 ) -> None:
     """A graph whose manifest claims the wrong synthesis fails the weights check instead of shipping
-    (clarinet, the brightest: its old graph and the wavetable differ by ~1.6e-4, the check allows 1e-5)."""
+    (cello, the brightest: its old graph and the wavetable differ by ~3e-4, the check allows 1e-5)."""
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     for name in ("model.onnx", "model.json"):
-        (wrong / name).write_bytes((old_graphs["clarinet"] / name).read_bytes())
+        (wrong / name).write_bytes((old_graphs["cello"] / name).read_bytes())
     raw = json.loads((wrong / "model.json").read_text())
     raw["onnx"]["synthesis"] = {"oscillator": "wavetable", "table_points": 256, "table_order": 2}
     (wrong / "model.json").write_text(json.dumps(raw))
