@@ -23,8 +23,9 @@ against their targets and writes JSON (default bench/out/musicality.json) and be
   and onset frames (the first 60 ms of a note) apart, against a per-key spectral table (each MIDI key's mean
   log-mel shape over the training data's steady frames, at the frame's loudness: the baseline the store's
   gate uses), against a finer lookup (each key's mean shape at each 6 dB of loudness and each of a note's
-  first 6 frames: the strongest simple method we found) and against silence; and whether loudness moves the
-  timbre as FluidSynth's samples do (spectral centroid per 10 dB, within each key).
+  first 6 frames: the strongest simple method we found) and against silence; on steady frames also against
+  each note's own median shape, the floor for anything that holds one shape a note; and whether loudness
+  moves the timbre as FluidSynth's samples do (spectral centroid per 10 dB, within each key).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from wavecast.streaming.model import FrameModel  # noqa: E402
 from wavecast.streaming.notes import Scale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTRUMENTS = ("violin", "cello", "clarinet", "trumpet", "default")
+INSTRUMENTS = ("violin", "cello", "clarinet", "trumpet", "flute", "default")
 SR, HOP = data.SAMPLE_RATE, data.HOP
 SILENT_DB = -60.0  # in-phrase frames quieter than this are silent (the issue's figure)
 MFCCS = 20
@@ -255,6 +256,20 @@ def lookup_errors(perf: data.Performance, lookup: dict[Cell, np.ndarray]) -> np.
     return np.abs(guess - reference).mean(1)
 
 
+def note_floor(perf: data.Performance, steady: np.ndarray) -> np.ndarray:
+    """Per-frame log-mel L1 of each note's own median shape (relative to the frame's level) over its `steady`
+    frames, against those frames: a bound, not a baseline. Anything that holds one shape for a note's steady
+    part, whatever it learned, scores this or worse; below it only by following the sound within a note."""
+    shape = log_mel(perf.audio) - perf.loudness[:, None] / 10.0
+    _, _, since = note_frames(perf)
+    note = np.cumsum(since == 0)
+    errors = np.full(len(shape), np.nan)
+    for n in np.unique(note[steady]):
+        pick = steady & (note == n)
+        errors[pick] = np.abs(shape[pick] - np.median(shape[pick], axis=0)).mean(1)
+    return errors
+
+
 def instrument_gate(name: str) -> dict[str, Any]:
     """The store's timbre gate, as training measures it (`models.quality.assess` on `data.unseen`), on more
     performances: log-mel L1 of the model, the per-key table and silence against FluidSynth; and how
@@ -270,21 +285,26 @@ def instrument_gate(name: str) -> dict[str, Any]:
                               "onset_frames": l1["frames"]["onset"]}
     looked: dict[str, list[np.ndarray]] = {"all": [], "onset": []}  # on the frames the gate scores
     steady: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": []}
+    held: dict[str, list[np.ndarray]] = {"model": [], "table": [], "lookup": [], "note_floor": []}
     for perf, audio in zip(perfs, rendered, strict=True):
-        _, scored, onset = timbre_errors(audio["model"], perf, table)
-        errors = lookup_errors(perf, lookup)
-        looked["all"].append(errors[scored])
-        looked["onset"].append(errors[onset])
+        errors, scored, onset = timbre_errors(audio["model"], perf, table)
+        errors["lookup"] = lookup_errors(perf, lookup)
+        looked["all"].append(errors["lookup"][scored])
+        looked["onset"].append(errors["lookup"][onset])
         keys, voiced, since = note_frames(perf)
         frames = voiced & (since >= ONSET_FRAMES)
         for what, x in (("model", log_mel(audio["model"])), ("reference", log_mel(perf.audio)),
                         ("loudness", perf.loudness), ("keys", keys)):
             steady[what].append(x[frames])
+        errors["note_floor"] = note_floor(perf, frames)
+        for take in held:
+            held[take].append(errors[take][scored & frames])
     for part in ("all", "onset"):
         lookup_l1 = float(np.concatenate(looked[part]).mean())
         result[part] = {**{k: l1[part][k] for k in TIMBRE_TAKES}, "lookup": lookup_l1,
                         "gain_over_table": 1.0 - l1[part]["model"] / l1[part]["table"],
                         "gain_over_lookup": 1.0 - l1[part]["model"] / lookup_l1}
+    result["steady"] = {take: float(np.concatenate(v).mean()) for take, v in held.items()}
     loud, keys = np.concatenate(steady["loudness"]), np.concatenate(steady["keys"])
     result["brightness_per_10db"] = {k: brightness_slope(np.concatenate(steady[k]), loud, keys)
                                      for k in ("model", "reference")}
@@ -374,6 +394,9 @@ def report(result: dict[str, Any]) -> str:
             row(f"log-mel L1 {g['instrument']}, {part} frames: model / table / lookup / silence",
                 f"{s['model']:.2f} / {s['table']:.2f} / {s['lookup']:.2f} / {s['silence']:.2f}",
                 ">= 20 % under table", s["gain_over_table"] >= 0.20)
+        s = g["steady"]
+        row(f"  {g['instrument']} steady frames: model / table / lookup / each note's own median",
+            f"{s['model']:.2f} / {s['table']:.2f} / {s['lookup']:.2f} / {s['note_floor']:.2f}", "", True)
         b = g["brightness_per_10db"]
         row(f"  {g['instrument']} brighter per 10 dB louder: model / FluidSynth (mel bands)",
             f"{b['model']:.2f} / {b['reference']:.2f}", "", True)
