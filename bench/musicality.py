@@ -24,8 +24,9 @@ against their targets and writes JSON (default bench/out/musicality.json) and be
   log-mel shape over the training data's steady frames, at the frame's loudness: the baseline the store's
   gate uses), against a finer lookup (each key's mean shape at each 6 dB of loudness and each of a note's
   first 6 frames: the strongest simple method we found) and against silence; on steady frames also against
-  each note's own median shape, the floor for anything that holds one shape a note; and whether loudness
-  moves the timbre as FluidSynth's samples do (spectral centroid per 10 dB, within each key).
+  each note's own median shape, the floor for anything that holds one shape a note, and fits per key on
+  loudness and on the note's velocity (which the data varies and the controls leave out); and whether
+  loudness moves the timbre as FluidSynth's samples do (spectral centroid per 10 dB, within each key).
 """
 
 from __future__ import annotations
@@ -279,14 +280,15 @@ def instrument_gate(name: str) -> dict[str, Any]:
     train = data.build(recipe, default_work() / "data").train
     table, lookup = spectral_table(train), onset_level_lookup(train)
     perfs = data.unseen(recipe, default_work() / "data", HELDOUT_PERFORMANCES)
+    velocities = data.unseen_velocities(recipe, default_work() / "data", HELDOUT_PERFORMANCES)
     assessed, rendered = assess(model, perfs, table)
     l1 = assessed["log_mel_l1"]
     result: dict[str, Any] = {"instrument": name, "performances": len(perfs), "frames": l1["frames"]["all"],
                               "onset_frames": l1["frames"]["onset"]}
     looked: dict[str, list[np.ndarray]] = {"all": [], "onset": []}  # on the frames the gate scores
-    steady: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": []}
+    steady: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": [], "velocity": []}
     held: dict[str, list[np.ndarray]] = {"model": [], "table": [], "lookup": [], "note_floor": []}
-    for perf, audio in zip(perfs, rendered, strict=True):
+    for perf, audio, velocity in zip(perfs, rendered, velocities, strict=True):
         errors, scored, onset = timbre_errors(audio["model"], perf, table)
         errors["lookup"] = lookup_errors(perf, lookup)
         looked["all"].append(errors["lookup"][scored])
@@ -294,7 +296,7 @@ def instrument_gate(name: str) -> dict[str, Any]:
         keys, voiced, since = note_frames(perf)
         frames = voiced & (since >= ONSET_FRAMES)
         for what, x in (("model", log_mel(audio["model"])), ("reference", log_mel(perf.audio)),
-                        ("loudness", perf.loudness), ("keys", keys)):
+                        ("loudness", perf.loudness), ("keys", keys), ("velocity", velocity)):
             steady[what].append(x[frames])
         errors["note_floor"] = note_floor(perf, frames)
         for take in held:
@@ -308,6 +310,8 @@ def instrument_gate(name: str) -> dict[str, Any]:
     loud, keys = np.concatenate(steady["loudness"]), np.concatenate(steady["keys"])
     result["brightness_per_10db"] = {k: brightness_slope(np.concatenate(steady[k]), loud, keys)
                                      for k in ("model", "reference")}
+    shapes = np.concatenate(steady["reference"]) - loud[:, None] / 10.0
+    result["steady_fits"] = velocity_fits(shapes, keys, loud, np.concatenate(steady["velocity"]))
     a, o = result["all"], result["onset"]
     log(f"{name}: log-mel L1 model {a['model']:.3f}, table {a['table']:.3f}, lookup {a['lookup']:.3f}, silence "
         f"{a['silence']:.3f} ({a['gain_over_table']:.0%} better than the table); onsets model {o['model']:.3f}, "
@@ -315,6 +319,23 @@ def instrument_gate(name: str) -> dict[str, Any]:
         f"{result['brightness_per_10db']['model']:.2f}, FluidSynth {result['brightness_per_10db']['reference']:.2f} "
         "mel bands")
     return result
+
+
+def velocity_fits(shapes: np.ndarray, keys: np.ndarray, loudness: np.ndarray, velocity: np.ndarray
+                  ) -> dict[str, float]:
+    """What the controls leave out of the steady timbre: log-mel L1 of least-squares fits to `shapes` (steady
+    frames, relative to their level) with an intercept per key and slopes shared across keys, on nothing else,
+    on loudness, and on loudness and the note's velocity (not a control). Fitted and scored on the same frames,
+    so optimistic for all three alike."""
+    per_key = (keys[:, None] == np.unique(keys)[None, :]).astype(np.float64)
+    v = velocity / 127.0
+
+    def l1(*columns: np.ndarray) -> float:
+        x = np.column_stack([per_key, *columns])
+        return float(np.abs(shapes - x @ np.linalg.lstsq(x, shapes, rcond=None)[0]).mean())
+
+    return {"per_key": l1(), "loudness": l1(loudness, loudness**2),
+            "loudness_velocity": l1(loudness, loudness**2, v, v**2, loudness * v)}
 
 
 def brightness_slope(mel: np.ndarray, loudness: np.ndarray, keys: np.ndarray) -> float:
@@ -397,6 +418,9 @@ def report(result: dict[str, Any]) -> str:
         s = g["steady"]
         row(f"  {g['instrument']} steady frames: model / table / lookup / each note's own median",
             f"{s['model']:.2f} / {s['table']:.2f} / {s['lookup']:.2f} / {s['note_floor']:.2f}", "", True)
+        f = g["steady_fits"]
+        row(f"  {g['instrument']} steady, fitted per key / + loudness / + velocity (not a control)",
+            f"{f['per_key']:.2f} / {f['loudness']:.2f} / {f['loudness_velocity']:.2f}", "", True)
         b = g["brightness_per_10db"]
         row(f"  {g['instrument']} brighter per 10 dB louder: model / FluidSynth (mel bands)",
             f"{b['model']:.2f} / {b['reference']:.2f}", "", True)

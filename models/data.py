@@ -154,6 +154,28 @@ def unseen(recipe: Recipe, cache_dir: Path, count: int | None = None) -> list[Pe
     draws melodies, from the UNSEEN_TUNES tunes of each collection after the recipe's own, less any of the
     same family as one of the recipe's (the same tune in another key, edition or collection: see
     `corpus.families`), so that no performance replays a melody training heard."""
+    other, tunes = _unseen_plan(recipe, cache_dir)
+    return [_performance(other, index, _gain(other), tunes)
+            for index in range(recipe.heldout if count is None else count)]
+
+
+def unseen_velocities(recipe: Recipe, cache_dir: Path, count: int) -> list[np.ndarray]:
+    """Each frame's note velocity (that of the latest note-on, as `_f0` takes its note) in the first `count`
+    performances `unseen` renders: what shapes the timbre beside the level and is not among the controls."""
+    other, tunes = _unseen_plan(recipe, cache_dir)
+    frames = round(other.seconds * SAMPLE_RATE / HOP)
+    total_ms = frames * HOP * 1000 // SAMPLE_RATE
+    centres = np.arange(frames) * HOP + HOP // 2
+    found = []
+    for index in range(count):
+        events = _events(np.random.default_rng([other.seed, index]), other, total_ms, tunes)
+        notes = [(_effect_sample(t), m.velocity) for t, m in events if m.type == "note_on" and m.velocity > 0]
+        found.append(_latest([(-1, notes[0][1]), *notes], centres))
+    return found
+
+
+def _unseen_plan(recipe: Recipe, cache_dir: Path) -> tuple[Recipe, list[corpus.Tune]]:
+    """The recipe and tunes `unseen` renders from (see there)."""
     tunes: list[corpus.Tune] = []
     if recipe.melodies:
         loaded = corpus.load(corpus.SHIPPABLE, recipe.melodies + UNSEEN_TUNES, cache_dir)
@@ -165,9 +187,7 @@ def unseen(recipe: Recipe, cache_dir: Path, count: int | None = None) -> list[Pe
         family = corpus.families(loaded)
         touched = {f for f, s in zip(family, seen, strict=True) if s}
         tunes = [t for t, f in zip(loaded, family, strict=True) if f not in touched]
-    other = dataclasses.replace(recipe, seed=recipe.seed + UNSEEN_SEED)
-    return [_performance(other, index, _gain(other), tunes)
-            for index in range(recipe.heldout if count is None else count)]
+    return dataclasses.replace(recipe, seed=recipe.seed + UNSEEN_SEED), tunes
 
 
 def render_midi_file(path: Path, samples: int, gain: float = _PROBE_GAIN) -> np.ndarray:

@@ -154,3 +154,16 @@ def test_tune_fragments_keep_their_shape_rests_and_rhythm():
         assert any(data._fold(written + shift, TINY).tolist() == heard for shift in range(-60, 61))
         assert all(TINY.low_note <= p <= TINY.high_note for p in heard)
     assert fragments >= 5
+
+
+def test_unseen_velocities_are_those_of_the_unseen_notes(cache):
+    """The velocity each frame's note was played at, replayed for the performances `unseen` renders: in the
+    data's range, new where a note starts, and louder where it is higher (velocity sets the note's level
+    before the CC11 expression does)."""
+    [perf] = data.unseen(TINY, cache)
+    [velocity] = data.unseen_velocities(TINY, cache, 1)
+    assert velocity.shape == perf.f0.shape and 40 <= velocity.min() < velocity.max() <= 127
+    changes = np.flatnonzero(np.diff(velocity)) + 1
+    assert len(changes) >= 5 and np.all(perf.f0[changes] != perf.f0[changes - 1])  # each at a new note's first frame
+    voiced = perf.loudness > -60
+    assert np.corrcoef(velocity[voiced], perf.loudness[voiced])[0, 1] > 0.4
