@@ -257,12 +257,11 @@ def lookup_errors(perf: data.Performance, lookup: dict[Cell, np.ndarray]) -> np.
     return np.abs(guess - reference).mean(1)
 
 
-def note_floor(perf: data.Performance, steady: np.ndarray) -> np.ndarray:
-    """Per-frame log-mel L1 of each note's own median shape (relative to the frame's level) over its `steady`
-    frames, against those frames: a bound, not a baseline. Anything that holds one shape for a note's steady
-    part, whatever it learned, scores this or worse; below it only by following the sound within a note."""
-    shape = log_mel(perf.audio) - perf.loudness[:, None] / 10.0
-    _, _, since = note_frames(perf)
+def note_floor(shape: np.ndarray, since: np.ndarray, steady: np.ndarray) -> np.ndarray:
+    """Per-frame log-mel L1 of each note's own median `shape` (log-mel relative to the frame's level) over its
+    `steady` frames, against those frames (`since`: frames into the note, `note_frames`'): a bound, not a
+    baseline. Anything that holds one shape for a note's steady part, whatever it learned, scores this or
+    worse; below it only by following the sound within a note."""
     note = np.cumsum(since == 0)
     errors = np.full(len(shape), np.nan)
     for n in np.unique(note[steady]):
@@ -295,10 +294,11 @@ def instrument_gate(name: str) -> dict[str, Any]:
         looked["onset"].append(errors["lookup"][onset])
         keys, voiced, since = note_frames(perf)
         frames = voiced & (since >= ONSET_FRAMES)
-        for what, x in (("model", log_mel(audio["model"])), ("reference", log_mel(perf.audio)),
+        reference = log_mel(perf.audio)
+        for what, x in (("model", log_mel(audio["model"])), ("reference", reference),
                         ("loudness", perf.loudness), ("keys", keys), ("velocity", velocity)):
             steady[what].append(x[frames])
-        errors["note_floor"] = note_floor(perf, frames)
+        errors["note_floor"] = note_floor(reference - perf.loudness[:, None] / 10.0, since, frames)
         for take in held:
             held[take].append(errors[take][scored & frames])
     for part in ("all", "onset"):

@@ -163,15 +163,7 @@ def unseen_velocities(recipe: Recipe, cache_dir: Path, count: int) -> list[np.nd
     """Each frame's note velocity (that of the latest note-on, as `_f0` takes its note) in the first `count`
     performances `unseen` renders: what shapes the timbre beside the level and is not among the controls."""
     other, tunes = _unseen_plan(recipe, cache_dir)
-    frames = round(other.seconds * SAMPLE_RATE / HOP)
-    total_ms = frames * HOP * 1000 // SAMPLE_RATE
-    centres = np.arange(frames) * HOP + HOP // 2
-    found = []
-    for index in range(count):
-        events = _events(np.random.default_rng([other.seed, index]), other, total_ms, tunes)
-        notes = [(_effect_sample(t), m.velocity) for t, m in events if m.type == "note_on" and m.velocity > 0]
-        found.append(_latest([(-1, notes[0][1]), *notes], centres))
-    return found
+    return [_note_on_values(*_score(other, index, tunes)[:2], "velocity") for index in range(count)]
 
 
 def _unseen_plan(recipe: Recipe, cache_dir: Path) -> tuple[Recipe, list[corpus.Tune]]:
@@ -208,10 +200,15 @@ def _gain(recipe: Recipe) -> float:
     return _PROBE_GAIN * _PEAK / float(np.abs(probe).max())
 
 
-def _performance(recipe: Recipe, index: int, gain: float, tunes: list[corpus.Tune]) -> Performance:
+def _score(recipe: Recipe, index: int, tunes: list[corpus.Tune]) -> tuple[list[Event], int, int]:
+    """Performance `index`'s MIDI events and its length in frames and in ms."""
     frames = round(recipe.seconds * SAMPLE_RATE / HOP)
     total_ms = frames * HOP * 1000 // SAMPLE_RATE
-    events = _events(np.random.default_rng([recipe.seed, index]), recipe, total_ms, tunes)
+    return _events(np.random.default_rng([recipe.seed, index]), recipe, total_ms, tunes), frames, total_ms
+
+
+def _performance(recipe: Recipe, index: int, gain: float, tunes: list[corpus.Tune]) -> Performance:
+    events, frames, total_ms = _score(recipe, index, tunes)
     audio = _render(_midi(events, recipe.program, total_ms + 100), frames * HOP, gain)
     return Performance(_f0(events, frames), loudness_db(audio), audio)
 
@@ -372,12 +369,17 @@ def _render(midi: mido.MidiFile, samples: int, gain: float) -> np.ndarray:
 def _f0(events: list[Event], frames: int) -> np.ndarray:
     """f0 at each frame centre from the sounding note (the latest note-on; before the first, the first)
     and the latest bend, each from the sample at which FluidSynth applies it."""
-    notes = [(_effect_sample(t), m.note) for t, m in events if m.type == "note_on" and m.velocity > 0]
     bends = [(_effect_sample(t), m.pitch) for t, m in events if m.type == "pitchwheel"]
-    centres = np.arange(frames) * HOP + HOP // 2
-    note = _latest([(-1, notes[0][1]), *notes], centres)
-    bend = _latest([(-1, 0), *bends], centres)
+    note = _note_on_values(events, frames, "note")
+    bend = _latest([(-1, 0), *bends], np.arange(frames) * HOP + HOP // 2)
     return (440.0 * 2.0 ** ((note - 69 + bend * _BEND_RANGE / 8192) / 12)).astype(np.float32)
+
+
+def _note_on_values(events: list[Event], frames: int, field: str) -> np.ndarray:
+    """`field` ("note" or "velocity") of the sounding note at each frame centre: the latest note-on's (before
+    the first, the first's), from the sample at which FluidSynth applies it."""
+    notes = [(_effect_sample(t), getattr(m, field)) for t, m in events if m.type == "note_on" and m.velocity > 0]
+    return _latest([(-1, notes[0][1]), *notes], np.arange(frames) * HOP + HOP // 2)
 
 
 def _latest(changes: list[tuple[int, int]], samples: np.ndarray) -> np.ndarray:

@@ -254,7 +254,7 @@ class Group:
         x = audio[rows]
         needed = np.abs(x)
         np.maximum(needed, 1e-30, out=needed)
-        np.divide(np.float32(LIMIT), needed, out=needed)
+        np.divide(LIMIT_F32, needed, out=needed)
         np.minimum(needed, 1.0, out=needed)
         needed *= self.fall
         gain = np.minimum.accumulate(needed, axis=1)
