@@ -31,7 +31,7 @@ from wavecast.models.export import control_path, export_onnx, state_shapes, veri
 from wavecast.models.instrument import Instrument, InstrumentConfig
 from wavecast.models.store import gate, judge
 from wavecast.models.train import CONTROL_SMOOTHING_SECONDS
-from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, file_sha256
+from wavecast.streaming.model import GRAPH, MANIFEST, FrameModel, Manifest, checked_graph, file_sha256
 
 ORIGIN_LIMIT = 1e-5  # max |torch - ORT| of the weights read back, run as the graph they came from (~1e-6)
 EQUIVALENCE_STEPS = 240
@@ -89,7 +89,7 @@ def load_instrument(directory: Path, synthesis: dict | None = None) -> tuple[Ins
         raise ValueError(f"{directory / MANIFEST}: kind '{manifest.kind}', only instruments can be re-exported")
     cfg = InstrumentConfig(**manifest.training.get("model", {}))
     model = Instrument(cfg, **(synthesis or {}))
-    params = weights_from_onnx(directory / manifest.onnx["file"], cfg.hidden)
+    params = weights_from_onnx(checked_graph(directory, manifest), cfg.hidden)
     want = {k for k, _ in model.named_parameters()}
     if set(params) != want:
         raise ValueError(f"{directory}: parameters {sorted(set(params) ^ want)} do not match the model")

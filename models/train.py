@@ -32,7 +32,7 @@ from wavecast.models.runs import (
     write_record,
 )
 from wavecast.models.store import NAME_RULE, POLICIES, ModelStore, default_name, default_work, valid_name
-from wavecast.streaming.model import FrameModel, Manifest
+from wavecast.streaming.model import FrameModel, Manifest, ModelError
 from wavecast.streaming.notes import midi_hz
 
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
@@ -120,7 +120,10 @@ def initial_weights(ref: str, store: Path | None, cfg: InstrumentConfig) -> tupl
     if entry.manifest.kind != "instrument":
         raise SystemExit(f"error: --init {ref}: '{entry.manifest.name}' is a {entry.manifest.kind}; start from an "
                          "instrument ('wavecast models' lists them), or leave --init out")
-    donor, manifest = load_instrument(entry.directory)
+    try:
+        donor, manifest = load_instrument(entry.directory)
+    except ModelError as e:
+        raise SystemExit(f"error: --init {ref}: {e}") from None
     if donor.cfg != cfg:
         raise SystemExit(f"error: --init {ref}: its model is {donor.cfg.to_dict()}, this run's {cfg.to_dict()}; "
                          "train with its --hidden, or leave --init out")

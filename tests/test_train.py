@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, wavecast_command
 from wavecast.models.quality import log_mel
-from wavecast.models.store import ModelStore
+from wavecast.models.store import SHIPPED, ModelStore
 from wavecast.streaming.analysis import estimate_f0
 from wavecast.streaming.engine import render
 from wavecast.streaming.model import FrameModel
@@ -48,10 +49,16 @@ def test_quick_training_publishes_a_verified_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_training_can_start_from_an_instrument_in_the_store(tmp_path: Path) -> None:
     """--init: a run starts from a stored instrument's weights (refused before any data work when it names no
-    instrument), and its manifest says which."""
+    instrument, or one whose graph is not what its manifest says), and its manifest says which."""
     store, work = tmp_path / "store", tmp_path / "work"
+    broken = store / "broken" / "000001"  # the shipped default under another name, its graph damaged
+    broken.mkdir(parents=True)
+    manifest = json.loads((SHIPPED / "default" / "model.json").read_text()) | {"name": "broken", "version": 1}
+    (broken / "model.json").write_text(json.dumps(manifest))
+    (broken / "model.onnx").write_bytes((SHIPPED / "default" / "model.onnx").read_bytes()[:-100])
     base = [*wavecast_command(), "train", "instrument", "--quick", "--work", str(work), "--store", str(store)]
-    for ref, says in (("folk", "'folk' is a composer; start from an instrument"), ("nope", "unknown model 'nope'")):
+    for ref, says in (("folk", "'folk' is a composer; start from an instrument"), ("nope", "unknown model 'nope'"),
+                      ("broken", "does not match field 'onnx.sha256'")):
         refused = subprocess.run([*base, "--init", ref], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and says in refused.stderr, refused.stderr[-2000:]
     assert not (work / "data").exists()
