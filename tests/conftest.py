@@ -32,6 +32,8 @@ from wavecast.models.store import SHIPPED
 from wavecast.streaming.model import FrameModel
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_INSTRUMENTS = tuple(sorted(p.parent.name for p in SHIPPED.glob("*/model.json")
+                                   if json.loads(p.read_text())["kind"] == "instrument"))
 
 
 def wavecast_command() -> list[str]:

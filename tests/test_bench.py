@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from wavecast.models.store import SHIPPED
+from tests.conftest import SHIPPED_INSTRUMENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shipped" / "default"
@@ -98,8 +98,7 @@ def test_musicality_bench_composed_minutes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "in-phrase frames below -60 dBFS" in proc.stdout
     c = json.loads(out.read_text())["composed"]
-    shipped = [m for m in SHIPPED.glob("*/model.json") if json.loads(m.read_text())["kind"] == "instrument"]
-    assert c["minutes"] == len(shipped) == 6 and c["in_phrase_silent_fraction"] <= 0.02  # one each
+    assert c["minutes"] == len(SHIPPED_INSTRUMENTS) == 6 and c["in_phrase_silent_fraction"] <= 0.02  # one each
     assert 0 < c["repeated_bar_fraction"] <= 1 and 0 < c["tonic_ending_fraction"] <= 1
     assert all(positive(r["mfcc_frechet"]["to_fluidsynth"]) for r in c["rows"] if "mfcc_frechet" in r)
     assert png.stat().st_size > 0

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHIPPED_INSTRUMENTS
 from wavecast.models import data
-from wavecast.models.store import SHIPPED
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTACKS = ["none", "opus 64k", "opus 32k", "resample 44.1k", "gain -12 dB", "gain +6 dB", "under speech 0 dB",
@@ -56,8 +56,7 @@ def test_watermark_bench_quick(tmp_path: Path) -> None:
     assert 0 <= fp["near"] <= 9 and 0 < fp["near_expected"] < 9 * 0.01  # ~2.6e-3 a clip at z >= 6.5
 
     gates = {g["name"]: g for g in s["gates"]}
-    shipped = {p.parent.name for p in SHIPPED.glob("*/model.json") if json.loads(p.read_text())["kind"] == "instrument"}
-    assert set(gates) == shipped >= {"default", "violin", "cello", "clarinet", "trumpet", "flute"}
+    assert set(gates) == set(SHIPPED_INSTRUMENTS) >= {"default", "violin", "cello", "clarinet", "trumpet", "flute"}
     for g in gates.values():
         assert g["pass_off"] is True and isinstance(g["pass_on"], bool), g  # the shipped models pass unmarked
         assert math.isfinite(g["distance_change_pct"]) and g["distance_on"] > 0

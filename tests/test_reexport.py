@@ -22,6 +22,7 @@ pytest.importorskip("onnx")
 
 import onnx  # noqa: E402
 
+from tests.conftest import SHIPPED_INSTRUMENTS  # noqa: E402
 from wavecast.models.export import export_onnx  # noqa: E402
 from wavecast.models.reexport import (  # noqa: E402
     EQUIVALENCE_SNR_DB,
@@ -35,8 +36,6 @@ from wavecast.models.store import SHIPPED  # noqa: E402
 from wavecast.models.train import CONTROL_SMOOTHING_SECONDS  # noqa: E402
 from wavecast.streaming.model import FrameModel, Manifest, file_sha256  # noqa: E402
 
-INSTRUMENTS = tuple(sorted(p.parent.name for p in SHIPPED.glob("*/model.json")
-                           if json.loads(p.read_text())["kind"] == "instrument"))
 # The shipped models first exported with the "blocks" oscillator, and what their re-export measured, new graph
 # vs old over export.control_path (240 frames); the others were trained and exported with the wavetable.
 MEASURED_SNR_DB = {"default": 110.3}
@@ -73,7 +72,7 @@ def test_lstm_gates_move_from_onnx_to_torch_order() -> None:
     assert "".join(torch_gates(onnx_order)[::3]) == "ifco"  # torch: input, forget, cell (g), output
 
 
-@pytest.mark.parametrize("name", INSTRUMENTS)
+@pytest.mark.parametrize("name", SHIPPED_INSTRUMENTS)
 def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
     """No per-frame sines: one table matmul and one gather; the manifest says how the file was produced."""
     directory = SHIPPED / name
@@ -104,7 +103,7 @@ def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
 @pytest.fixture(scope="module")
 def old_graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("old")
-    return {name: old_style_copy(SHIPPED / name, root / name) for name in INSTRUMENTS}
+    return {name: old_style_copy(SHIPPED / name, root / name) for name in SHIPPED_INSTRUMENTS}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,7 @@ def old_default(old_graphs: dict[str, Path]) -> Path:
 # default 102.9, violin 93.4, cello 85.3, clarinet 97.8, trumpet 96.0 (max |new - old| 3.4e-5 .. 3.0e-4); 55 Hz
 # alone (below the others' ranges, their brightest case) 102.6, 85.8, 75.5, 100.0, 90.8; 1500 Hz alone 112.8,
 # 105.0, 99.4, 105.2, 96.5. The exact formulation ("blocks") is itself ~90 dB from float64.
-@pytest.mark.parametrize("name", INSTRUMENTS)
+@pytest.mark.parametrize("name", SHIPPED_INSTRUMENTS)
 def test_new_graph_reproduces_the_old_audio(name: str, old_graphs: dict[str, Path]) -> None:
     """Each shipped model (wavetable) vs its weights in the old graph: 120 stateful frames, 55-1500 Hz."""
     old, new = FrameModel(old_graphs[name], device="cpu"), FrameModel(SHIPPED / name, device="cpu")
