@@ -765,10 +765,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of a log-mel L1 term added to the spectral loss, which weighs every band alike as "
                         "the gate's timbre figures do; 0 trains on the spectral loss alone, as the shipped "
                         "instruments were (default: %(default)s)")
+    p.add_argument("--brightness", action="store_true",
+                   help="a third control, brightness 0..1 (the note's velocity in the data), for instruments whose "
+                        "timbre moves with how hard a note is played apart from its level (trumpet, clarinet)")
     p.add_argument("--init", metavar="MODEL",
                    help="start from the weights of this instrument in the store (NAME or NAME@VERSION, e.g. "
                         "default) instead of random ones: the same --hidden; a model that learned an instrument's "
-                        "fundamental over a wide range keeps it on a narrow one")
+                        "fundamental over a wide range keeps it on a narrow one; with --brightness from one without "
+                        "it, the new control starts out doing nothing")
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed for data, init and batches")
     add_run_arguments(p, "data cache and checkpoints")
 
@@ -897,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model in this process (torch), export it to ONNX, verify it and "
                                    "publish it to the store.")
     tsub = t.add_subparsers(dest="what", required=True, metavar="KIND")
-    ti = tsub.add_parser("instrument", help="a neural instrument (controls f0, loudness -> audio)",
+    ti = tsub.add_parser("instrument", help="a neural instrument (controls f0, loudness[, brightness] -> audio)",
                          description="Render FluidSynth performances, train the LSTM instrument, export, verify, "
                                      "publish.")
     add_train_arguments(ti)

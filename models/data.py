@@ -3,7 +3,8 @@
 Each performance is a monophonic line of phrases: folk-tune fragments from the music21 corpus, scale runs,
 arpeggios, leaps and held notes; legato and staccato; velocity, expression ramps (CC11), vibrato and glides
 as pitch bend. f0 comes from the notes and bends themselves, so it is exact; loudness is measured from the
-rendered audio. Imports numpy + mido + stdlib (and music21 through models.corpus) only.
+rendered audio; brightness is each note's velocity (see `brightness_of`). Imports numpy + mido + stdlib
+(and music21 through models.corpus) only.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ INSTRUMENTS = {
 }
 
 
+VELOCITIES = (40, 127)  # the note velocities the data plays; brightness 0..1 spans them
+
 UNSEEN_SEED = 1000  # the quality gate's performances come from the recipe's seed + this
 UNSEEN_TUNES = 50  # their melodies from this many tunes of each collection after the recipe's own
 
@@ -89,6 +92,7 @@ class Performance:
     f0: np.ndarray  # [frames] float32, Hz, exact from notes + pitch bend, at each frame's centre
     loudness: np.ndarray  # [frames] float32, dB: loudness_db() of the rendered audio
     audio: np.ndarray  # [frames * HOP] float32 mono
+    brightness: np.ndarray  # [frames] float32, 0..1: the sounding note's velocity (`brightness_of`)
 
 
 @dataclass
@@ -111,17 +115,25 @@ def loudness_db(audio: np.ndarray, hop: int = HOP) -> np.ndarray:
     return np.maximum(db, LOUDNESS_FLOOR_DB).astype(np.float32)
 
 
+def brightness_of(velocity: np.ndarray) -> np.ndarray:
+    """MIDI velocity -> brightness 0..1 over VELOCITIES. The level of a note is measured apart (loudness, which
+    CC11 expression also moves); what velocity adds is timbre: SoundFont 2's default modulators lower the
+    filter cutoff as velocity falls, so a harder note is brighter at the same level."""
+    low, high = VELOCITIES
+    return ((np.asarray(velocity, np.float64) - low) / (high - low)).astype(np.float32)
+
+
 def build(recipe: Recipe, cache_dir: Path, progress: Callable[[str], None] | None = None) -> Dataset:
     """Render (or load from cache_dir/<recipe.key()>.npz) the dataset. progress gets one short line per
     performance rendered, e.g. 'rendered 3/24'."""
     if not SOUNDFONT.exists():
         raise FileNotFoundError(f"{SOUNDFONT} is missing (Debian package fluid-soundfont-gm)")
     path = Path(cache_dir) / f"{recipe.key()}.npz"
+    tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir, progress) if recipe.melodies else []
     if path.exists():
         with np.load(path) as npz:
             f0, loudness, audio = npz["f0"], npz["loudness"], npz["audio"]
     else:
-        tunes = corpus.load(corpus.SHIPPABLE, recipe.melodies, cache_dir, progress) if recipe.melodies else []
         gain, rendered = _gain(recipe), []
         for index in range(recipe.performances):
             rendered.append(_performance(recipe, index, gain, tunes))
@@ -135,7 +147,9 @@ def build(recipe: Recipe, cache_dir: Path, progress: Callable[[str], None] | Non
         with open(tmp, "wb") as f:
             np.savez(f, f0=f0, loudness=loudness, audio=audio)
         os.replace(tmp, path)
-    performances = [Performance(f0[i], loudness[i], audio[i]) for i in range(recipe.performances)]
+    # brightness comes from the score alone (no rendering), so caches without it stay valid
+    performances = [Performance(f0[i], loudness[i], audio[i], _brightness(*_score(recipe, i, tunes)[:2]))
+                    for i in range(recipe.performances)]
     split = recipe.performances - recipe.heldout
     return Dataset(recipe, performances[:split], performances[split:])
 
@@ -157,13 +171,6 @@ def unseen(recipe: Recipe, cache_dir: Path, count: int | None = None) -> list[Pe
     other, tunes = _unseen_plan(recipe, cache_dir)
     return [_performance(other, index, _gain(other), tunes)
             for index in range(recipe.heldout if count is None else count)]
-
-
-def unseen_velocities(recipe: Recipe, cache_dir: Path, count: int) -> list[np.ndarray]:
-    """Each frame's note velocity (that of the latest note-on, as `_f0` takes its note) in the first `count`
-    performances `unseen` renders: what shapes the timbre beside the level and is not among the controls."""
-    other, tunes = _unseen_plan(recipe, cache_dir)
-    return [_note_on_values(*_score(other, index, tunes)[:2], "velocity") for index in range(count)]
 
 
 def _unseen_plan(recipe: Recipe, cache_dir: Path) -> tuple[Recipe, list[corpus.Tune]]:
@@ -210,7 +217,7 @@ def _score(recipe: Recipe, index: int, tunes: list[corpus.Tune]) -> tuple[list[E
 def _performance(recipe: Recipe, index: int, gain: float, tunes: list[corpus.Tune]) -> Performance:
     events, frames, total_ms = _score(recipe, index, tunes)
     audio = _render(_midi(events, recipe.program, total_ms + 100), frames * HOP, gain)
-    return Performance(_f0(events, frames), loudness_db(audio), audio)
+    return Performance(_f0(events, frames), loudness_db(audio), audio, _brightness(events, frames))
 
 
 def _q(ms: float) -> int:
@@ -373,6 +380,11 @@ def _f0(events: list[Event], frames: int) -> np.ndarray:
     note = _note_on_values(events, frames, "note")
     bend = _latest([(-1, 0), *bends], np.arange(frames) * HOP + HOP // 2)
     return (440.0 * 2.0 ** ((note - 69 + bend * _BEND_RANGE / 8192) / 12)).astype(np.float32)
+
+
+def _brightness(events: list[Event], frames: int) -> np.ndarray:
+    """Each frame's brightness: the velocity of the sounding note (the latest note-on, as `_f0` takes its note)."""
+    return brightness_of(_note_on_values(events, frames, "velocity"))
 
 
 def _note_on_values(events: list[Event], frames: int, field: str) -> np.ndarray:

@@ -28,7 +28,8 @@ def export_onnx(model: Instrument, directory: Path) -> dict:
     model = model.eval().cpu()
     shapes = state_shapes(model)
     batch, frames = 2, 3
-    control = torch.stack([torch.full((batch, frames), 220.0), torch.full((batch, frames), -20.0)], dim=-1)
+    values = (220.0, -20.0, 0.5)[: model.cfg.controls]  # f0, loudness[, brightness]
+    control = torch.stack([torch.full((batch, frames), v) for v in values], dim=-1)
     noise = torch.rand(batch, frames, model.noise_width)
     states = model.initial_state(batch)
     dynamic = {"control": {0: "B", 1: "F"}, "noise": {0: "B", 1: "F"}, "audio": {0: "B", 1: "T"}}
@@ -46,8 +47,9 @@ def export_onnx(model: Instrument, directory: Path) -> dict:
     return {"file": GRAPH, "sha256": file_sha256(path), "opset": OPSET, "synthesis": model.synthesis}
 
 
-def control_path(steps: int, batch: int, seed: int) -> np.ndarray:
-    """A demanding control trajectory [batch, steps, 2]: pitch glides and jumps, loudness swells and cuts."""
+def control_path(steps: int, batch: int, seed: int, columns: int = 2) -> np.ndarray:
+    """A demanding control trajectory [batch, steps, columns]: pitch glides and jumps, loudness swells and cuts,
+    and with a third column brightness sweeping its range and stepping as a new note's velocity does."""
     rng = np.random.default_rng(seed)
     t = np.arange(steps)[None, :]
     base = rng.uniform(np.log(60.0), np.log(1500.0), size=(batch, 1))
@@ -55,13 +57,15 @@ def control_path(steps: int, batch: int, seed: int) -> np.ndarray:
     f0[:, steps // 2 :] *= 1.5  # an octave-and-a-fifth style jump mid-way
     loud = -30.0 + 20.0 * np.sin(2 * np.pi * t / rng.uniform(30, 90, (batch, 1)))
     loud[:, steps // 3 : steps // 3 + 10] = -80.0  # a cut to silence and back
-    return np.stack([np.clip(f0, 30, 2000), loud], axis=-1).astype(np.float32)
+    bright = 0.5 + 0.5 * np.sin(2 * np.pi * t / rng.uniform(20, 60, (batch, 1)))
+    bright[:, steps // 4 : steps // 2] = rng.uniform(0.0, 1.0, (batch, 1))  # a step
+    return np.stack([np.clip(f0, 30, 2000), loud, bright][:columns], axis=-1).astype(np.float32)
 
 
 def verify_parity(model: Instrument, frame_model: FrameModel, steps: int = 240, batch: int = 3) -> dict:
     """Run torch and ONNX Runtime side by side frame by frame, carrying state; report the worst gaps."""
     model = model.eval().cpu()
-    controls = control_path(steps, batch, seed=1)
+    controls = control_path(steps, batch, seed=1, columns=model.cfg.controls)
     noise = np.random.default_rng(2).random((batch, steps, model.noise_width), dtype=np.float32)
     t_states = model.initial_state(batch)
     o_states = frame_model.zero_states(batch)
@@ -81,12 +85,13 @@ def verify_parity(model: Instrument, frame_model: FrameModel, steps: int = 240, 
 
 
 def render_constant(frame_model: FrameModel, f0: float, loudness: float, seconds: float, seed: int = 0) -> np.ndarray:
-    """Mono audio for constant controls, one frame per call as the engine runs it."""
+    """Mono audio for constant controls (any past f0 and loudness at their defaults), one frame per call as the
+    engine runs it."""
     m = frame_model.manifest
     frames = int(round(seconds / m.frame_seconds))
     rng = np.random.default_rng(seed)
     states = frame_model.zero_states(1)
-    control = np.array([[[f0, loudness]]], np.float32)
+    control = np.array([[[f0, loudness, *(c.default for c in m.controls[2:])]]], np.float32)
     out = np.empty(frames * m.hop, np.float32)
     for i in range(frames):
         audio, states = frame_model.run(control, rng.random((1, 1, m.noise), dtype=np.float32), states)

@@ -1,6 +1,8 @@
 """The neural instrument: an LSTM that turns per-frame controls into audio, DDSP style.
 
-Controls per frame: ``f0`` (Hz) and ``loudness`` (dB, RMS dBFS of the frame). The LSTM predicts an
+Controls per frame: ``f0`` (Hz), ``loudness`` (dB, RMS dBFS of the frame) and, where the config says so,
+``brightness`` (0..1: the note's MIDI velocity over the data's 40..127, which moves the timbre apart from the
+level as a player's force does; see models/data.py). The LSTM predicts an
 overall amplitude, a harmonic distribution and filtered-noise band gains; a harmonic oscillator bank and
 overlap-added noise grains inside the graph turn them into HOP samples per frame. Every bit of memory is an
 explicit state tensor (LSTM ``h``/``c``, oscillator ``phase`` in cycles, the previous frame's harmonic
@@ -37,9 +39,15 @@ class InstrumentConfig:
     noise_window: int = 240  # samples per noise grain; grains overlap by half
     sample_rate: int = SAMPLE_RATE
     hop: int = HOP
+    brightness: bool = False  # a third control, `brightness`
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def controls(self) -> int:
+        """Control columns per frame: f0, loudness[, brightness]."""
+        return 3 if self.brightness else 2
 
 
 def exp_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -112,10 +120,10 @@ class Instrument(nn.Module):
         self.oscillator_kind = oscillator
         self.table_points, self.table_order = table_points, table_order
         h = cfg.hidden
-        self.inp = nn.Sequential(nn.Linear(2, h), nn.LayerNorm(h), nn.LeakyReLU(0.1))
+        self.inp = nn.Sequential(nn.Linear(cfg.controls, h), nn.LayerNorm(h), nn.LeakyReLU(0.1))
         self.lstm = nn.LSTM(h, h, batch_first=True)
         self.out = nn.Sequential(
-            nn.Linear(h + 2, h), nn.LayerNorm(h), nn.LeakyReLU(0.1),
+            nn.Linear(h + cfg.controls, h), nn.LayerNorm(h), nn.LeakyReLU(0.1),
             nn.Linear(h, 1 + cfg.harmonics + cfg.noise_bands),
         )
         self.register_buffer("harmonic_numbers", torch.arange(1, cfg.harmonics + 1, dtype=torch.float32))
@@ -153,6 +161,15 @@ class Instrument(nn.Module):
         """
         c = self.cfg
         return (c.hop // (c.noise_window // 2)) * 2 * (c.noise_window // 2 + 1)
+
+    def widen(self, donor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`donor`'s weights (an instrument without brightness) for this one, the brightness inputs at zero:
+        it starts out playing exactly as the donor does, whatever the brightness."""
+        out = dict(donor)
+        for name in ("inp.0.weight", "out.0.weight"):  # brightness is the last column of each
+            weight = donor[name]
+            out[name] = torch.cat([weight, torch.zeros(weight.shape[0], 1, dtype=weight.dtype)], dim=1)
+        return out
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Zero state for `batch` streams, in STATE_NAMES order."""
@@ -216,11 +233,15 @@ class Instrument(nn.Module):
         self, control: torch.Tensor, noise: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
         phase: torch.Tensor, amp: torch.Tensor, noise_tail: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        """control [B,F,2] (f0 Hz, loudness dB), noise [B,F,noise_width] uniform [0,1) -> audio [B,F*hop], states."""
+        """control [B,F,C] (f0 Hz, loudness dB[, brightness 0..1]), noise [B,F,noise_width] uniform [0,1) ->
+        audio [B,F*hop], states."""
         cfg = self.cfg
         batch, frames = control.shape[0], control.shape[1]
         f0 = control[..., 0:1]
-        features = torch.cat([torch.log2(f0 / 440.0) / 3.0, (control[..., 1:2] + 40.0) / 40.0], dim=-1)
+        inputs = [torch.log2(f0 / 440.0) / 3.0, (control[..., 1:2] + 40.0) / 40.0]
+        if cfg.brightness:
+            inputs.append(2.0 * control[..., 2:3] - 1.0)
+        features = torch.cat(inputs, dim=-1)
         y, (h_out, c_out) = self.lstm(self.inp(features), (h, c))
         params = self.out(torch.cat([y, features], dim=-1))
 

@@ -10,14 +10,16 @@ future verification step can use them without torch:
 - `count_clicks`: isolated sample-to-sample jumps far beyond the signal's own.
 - `in_phrase`: the frames of a composed piece inside its phrases (where it should keep sounding).
 - `spectral_table`, `timbre_errors`: the fair non-neural baseline for timbre, each MIDI key's mean log-mel
-  shape over the training data's steady frames at the frame's level, and the per-frame log-mel L1 of the
-  model, that table and silence against the data, onset frames scored apart.
+  shape over the training data's steady frames at the frame's level (and, for a model that is told the
+  brightness, each key's shape in each brightness band: the table knows what the model knows), and the
+  per-frame log-mel L1 of the model, that table and silence against the data, onset frames scored apart.
 - `assess`: all of them for a model over held-out performances; `metrics` is what the gate reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ MEL_FFT, MELS = 1024, 40  # the timbre figures' log-mel frames: a 21 ms window c
 VOICED_DB = -60.0  # frames louder than this are scored for timbre
 ONSET_FRAMES = 6  # a note's first 60 ms: its onset, scored apart from the steady frames after it
 TIMBRE_TAKES = ("model", "table", "silence")
+BRIGHTNESS_BANDS = 4  # the table's bands of brightness for a model that has the control
 
 
 def stft_magnitude(x: np.ndarray, n: int) -> np.ndarray:
@@ -259,31 +262,61 @@ def note_frames(perf: Performance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return keys, voiced, since
 
 
-def spectral_table(perfs: list[Performance]) -> dict[int, np.ndarray]:
-    """Each MIDI key's mean log-mel shape, relative to the frame's level (loudness / 10), over the steady
-    frames of `perfs` (the training data): a lookup table, no learning."""
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
+@dataclass(frozen=True)
+class SpectralTable:
+    """Mean log-mel shapes relative to the frame's level (loudness / 10): by (key, band) for each of `bands`
+    equal bands of brightness, and by (key, None) over all of them, which a (key, band) the data never
+    played falls back to."""
+
+    bands: int
+    shapes: dict[tuple[int, int | None], np.ndarray]
+
+    def band(self, brightness: np.ndarray) -> np.ndarray:
+        return np.clip((np.asarray(brightness) * self.bands).astype(int), 0, self.bands - 1)
+
+    def lookup(self, perf: Performance, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each frame's shape [frames, MELS] (zeros where the key is unknown), and which frames have one."""
+        guess, known = np.zeros((len(keys), MELS)), np.zeros(len(keys), bool)
+        for i, (key, band) in enumerate(zip(keys.tolist(), self.band(perf.brightness).tolist(), strict=True)):
+            shape = self.shapes.get((key, band if self.bands > 1 else None), self.shapes.get((key, None)))
+            if shape is not None:
+                guess[i], known[i] = shape, True
+        return guess, known
+
+
+def table_bands(model: FrameModel) -> int:
+    """The brightness bands of the fair table for `model`: BRIGHTNESS_BANDS when it has the control, else 1."""
+    return BRIGHTNESS_BANDS if any(c.name == "brightness" for c in model.manifest.controls) else 1
+
+
+def spectral_table(perfs: list[Performance], bands: int = 1) -> SpectralTable:
+    """Each MIDI key's (and with `bands` > 1, each key and brightness band's) mean log-mel shape, relative to
+    the frame's level, over the steady frames of `perfs` (the training data): a lookup table, no learning."""
+    sums: dict[tuple[int, int | None], np.ndarray] = {}
+    counts: dict[tuple[int, int | None], int] = {}
+    table = SpectralTable(bands, {})
     for p in perfs:
         keys, voiced, since = note_frames(p)
         steady = voiced & (since >= ONSET_FRAMES)
         shape = log_mel(p.audio) - p.loudness[:, None] / 10.0
-        for key in np.unique(keys[steady]):
-            pick = steady & (keys == key)
-            sums[int(key)] = sums.get(int(key), 0) + shape[pick].sum(0)
-            counts[int(key)] = counts.get(int(key), 0) + int(pick.sum())
-    return {k: sums[k] / counts[k] for k in sums}
+        band = table.band(p.brightness)
+        for i in np.flatnonzero(steady):
+            for entry in [(int(keys[i]), None)] + ([(int(keys[i]), int(band[i]))] if bands > 1 else []):
+                sums[entry] = sums.get(entry, 0) + shape[i]
+                counts[entry] = counts.get(entry, 0) + 1
+    table.shapes.update({k: sums[k] / counts[k] for k in sums})
+    return table
 
 
-def timbre_errors(audio: np.ndarray, perf: Performance, table: dict[int, np.ndarray]
+def timbre_errors(audio: np.ndarray, perf: Performance, table: SpectralTable
                   ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Per-frame log-mel L1 against `perf`'s audio of `audio`, of the table's shape for each frame's key at
-    the frame's level, and of silence; with the frames to score (voiced, a key the table has) and which of
-    them are onset frames."""
+    """Per-frame log-mel L1 against `perf`'s audio of `audio`, of the table's shape for each frame's key (and
+    band) at the frame's level, and of silence; with the frames to score (voiced, a key the table has) and
+    which of them are onset frames."""
     reference = log_mel(perf.audio)
     keys, voiced, since = note_frames(perf)
-    known = np.array([int(k) in table for k in keys], bool)
-    guess = np.array([table.get(int(k), np.zeros(MELS)) for k in keys]) + perf.loudness[:, None] / 10.0
+    shape, known = table.lookup(perf, keys)
+    guess = shape + perf.loudness[:, None] / 10.0
     takes = {"model": log_mel(audio), "table": guess, "silence": np.full_like(reference, -10.0)}
     errors = {k: np.abs(v - reference).mean(1) for k, v in takes.items()}
     return errors, voiced & known, voiced & known & (since < ONSET_FRAMES)
@@ -301,16 +334,17 @@ def pitch_summary(cents: np.ndarray) -> dict[str, Any]:
 
 
 def curves_for(model: FrameModel, perf: Performance) -> np.ndarray:
-    """[frames, C] controls in manifest order: f0 and loudness from the data, any others at default."""
+    """[frames, C] controls in manifest order: f0, loudness and brightness from the data, any others at
+    default."""
     names = [c.name for c in model.manifest.controls]
     if not {"f0", "loudness"} <= set(names):
         raise ValueError(f"{model.directory}: an instrument needs controls f0 and loudness, has {names}")
-    columns = {"f0": perf.f0, "loudness": perf.loudness}
+    columns = {"f0": perf.f0, "loudness": perf.loudness, "brightness": perf.brightness}
     return np.stack([columns.get(c.name, np.full(len(perf.f0), c.default, np.float32))
                      for c in model.manifest.controls], axis=1).astype(np.float32)
 
 
-def assess(model: FrameModel, perfs: list[Performance], table: dict[int, np.ndarray] | None, seed: int = 0,
+def assess(model: FrameModel, perfs: list[Performance], table: SpectralTable | None, seed: int = 0,
            seconds: float | None = None, log: Callable[[str], None] = lambda line: None,
            watermark: Key | None = None, serial: int = 0) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
     """Render each performance through the engine with its exact controls and measure it against the
@@ -328,7 +362,8 @@ def assess(model: FrameModel, perfs: list[Performance], table: dict[int, np.ndar
     loud: dict[str, list[np.ndarray]] = {"model": [], "baseline": []}
     for index, perf in enumerate(perfs):
         frames = len(perf.f0) if seconds is None else min(len(perf.f0), round(seconds / m.frame_seconds))
-        perf = Performance(perf.f0[:frames], perf.loudness[:frames], perf.audio[: frames * m.hop])
+        perf = replace(perf, f0=perf.f0[:frames], loudness=perf.loudness[:frames], audio=perf.audio[: frames * m.hop],
+                       brightness=perf.brightness[:frames])
         shift = 0 if watermark is None else DELAY
         curves = curves_for(model, perf)
         curves = np.concatenate([curves, curves[-1:]])  # one frame more (its controls held) covers the shift

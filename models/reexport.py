@@ -102,7 +102,8 @@ def equivalence(new: FrameModel, old: FrameModel, steps: int = EQUIVALENCE_STEPS
     """Both graphs side by side over `steps` stateful frames on the same controls and noise: the largest
     audio gap, and the signal-to-difference ratio (old audio energy over the energy of new - old; None when
     the audio is identical, as a re-export with the synthesis unchanged makes it)."""
-    controls = control_path(steps, batch, seed) if controls is None else controls
+    columns = len(old.manifest.controls)
+    controls = control_path(steps, batch, seed, columns) if controls is None else controls
     batch, steps = controls.shape[:2]
     noise = np.random.default_rng(seed + 1).random((batch, steps, old.manifest.noise), dtype=np.float32)
     s_new, s_old = new.zero_states(batch), old.zero_states(batch)
@@ -122,7 +123,7 @@ def equivalence(new: FrameModel, old: FrameModel, steps: int = EQUIVALENCE_STEPS
 
 def heldout_quality(model: FrameModel, manifest: Manifest, work: Path) -> dict:
     """`verification.quality` measured again as training measures it: on performances of unseen seeds and
-    tunes (`data.unseen`) of the model's own data recipe, against the per-key table of its training data."""
+    tunes (`data.unseen`) of the model's own data recipe, against the fair table of its training data."""
     recorded = dict(manifest.training.get("data") or {})
     key = recorded.pop("key", None)
     try:
@@ -134,7 +135,8 @@ def heldout_quality(model: FrameModel, manifest: Manifest, work: Path) -> dict:
         raise SystemExit(f"{manifest.name}: training.data gives recipe {recipe.key()}, the manifest says {key} "
                          "(the data code changed); re-export with --no-quality")
     dataset = data.build(recipe, work / "data", progress=lambda line: log(f"data: {line}"))
-    assessed, _ = quality.assess(model, data.unseen(recipe, work / "data"), quality.spectral_table(dataset.train),
+    table = quality.spectral_table(dataset.train, quality.table_bands(model))
+    assessed, _ = quality.assess(model, data.unseen(recipe, work / "data"), table,
                                  log=lambda line: log(f"{manifest.name} quality: {line}"))
     return quality.verification_quality(assessed)
 

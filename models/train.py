@@ -12,7 +12,7 @@ import json
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,10 @@ PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside th
 # octave steps at any constant from 0 to 30 ms (the graph ramps amplitudes across a frame and keeps the
 # phase); 10 ms still glides a slider's steps and is heard 2.4 frames sooner than 30 ms was.
 CONTROL_SMOOTHING_SECONDS = 0.01
+# The note's velocity over the data's range (models/data.py `brightness_of`); its default is the middle of the
+# data's velocities, and it glides as f0 and loudness do.
+BRIGHTNESS_CONTROL = {"name": "brightness", "unit": "", "min": 0.0, "max": 1.0, "default": 0.5,
+                      "smoothing": CONTROL_SMOOTHING_SECONDS}
 
 
 def log(msg: str) -> None:
@@ -82,17 +86,21 @@ def mel_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def sample_batch(
-    perfs: list[data.Performance], batch: int, frames: int, rng: np.random.Generator, noise_width: int
+    perfs: list[data.Performance], batch: int, frames: int, rng: np.random.Generator, noise_width: int,
+    columns: int = 2,
 ) -> tuple[torch.Tensor, ...]:
-    """Random crops: controls [B,F,2], noise [B,F,N], target audio [B,F*hop], initial phases [B,1]."""
+    """Random crops: controls [B,F,C] (f0, loudness[, brightness]), noise [B,F,N], target audio [B,F*hop],
+    initial phases [B,1]."""
     lengths = np.array([len(p.f0) - frames for p in perfs], float)
     picks = rng.choice(len(perfs), size=batch, p=lengths / lengths.sum())
-    control = np.empty((batch, frames, 2), np.float32)
+    control = np.empty((batch, frames, columns), np.float32)
     target = np.empty((batch, frames * data.HOP), np.float32)
     for i, k in enumerate(picks):
         p, start = perfs[k], rng.integers(0, len(perfs[k].f0) - frames)
         control[i, :, 0] = p.f0[start : start + frames]
         control[i, :, 1] = p.loudness[start : start + frames]
+        if columns > 2:
+            control[i, :, 2] = p.brightness[start : start + frames]
         target[i] = p.audio[start * data.HOP : (start + frames) * data.HOP]
     noise = rng.random((batch, frames, noise_width), dtype=np.float32)
     phase = rng.random((batch, 1), dtype=np.float32)
@@ -103,14 +111,15 @@ def evaluate(model: Instrument, perfs: list[data.Performance], frames: int, devi
     """Spectral loss on fixed crops of held-out performances, from zero state as the engine starts."""
     rng = np.random.default_rng(12345)
     with torch.no_grad():
-        control, noise, target, _ = (t.to(device) for t in sample_batch(perfs, 8, frames, rng, model.noise_width))
+        control, noise, target, _ = (t.to(device) for t in sample_batch(perfs, 8, frames, rng, model.noise_width,
+                                                                         model.cfg.controls))
         state = [s.to(device) for s in model.initial_state(len(control))]
         return float(spectral_loss(model(control, noise, *state)[0], target))
 
 
 def initial_weights(ref: str, store: Path | None, cfg: InstrumentConfig) -> tuple[dict, dict]:
     """The weights of instrument `ref` (NAME or NAME@VERSION in the store) to start training from, and what the
-    manifest records of where they came from."""
+    manifest records of where they came from. A donor without brightness starts a model with it (`widen`)."""
     from wavecast.models.reexport import load_instrument  # it imports this module's control smoothing
 
     try:
@@ -124,10 +133,14 @@ def initial_weights(ref: str, store: Path | None, cfg: InstrumentConfig) -> tupl
         donor, manifest = load_instrument(entry.directory)
     except ModelError as e:
         raise SystemExit(f"error: --init {ref}: {e}") from None
-    if donor.cfg != cfg:
+    if donor.cfg.brightness and not cfg.brightness:
+        raise SystemExit(f"error: --init {ref}: '{manifest.name}' has a brightness control; train with --brightness, "
+                         "or start from an instrument without it")
+    if replace(donor.cfg, brightness=cfg.brightness) != cfg:
         raise SystemExit(f"error: --init {ref}: its model is {donor.cfg.to_dict()}, this run's {cfg.to_dict()}; "
                          "train with its --hidden, or leave --init out")
-    return donor.state_dict(), {"model": manifest.name, "version": manifest.version, "sha256": manifest.onnx["sha256"]}
+    weights = donor.state_dict() if donor.cfg == cfg else Instrument(cfg).widen(donor.state_dict())
+    return weights, {"model": manifest.name, "version": manifest.version, "sha256": manifest.onnx["sha256"]}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
@@ -150,7 +163,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                          **({"performances": 5, "seconds": 8.0, "heldout": 1, "melodies": 0} if args.quick else {}))
     # the f0 control covers every note the model was trained on (the violin's top C7 is 2093 Hz)
     f0_range = [max(30.0, round(midi_hz(recipe.low_note), 2)), round(midi_hz(recipe.high_note), 2)]
-    cfg = InstrumentConfig(hidden=args.hidden)
+    cfg = InstrumentConfig(hidden=args.hidden, brightness=args.brightness)
     weights, init = initial_weights(args.init, args.store, cfg) if args.init else (None, None)  # refused before data
     work = args.work or default_work()
     log(f"data: GM program {recipe.program}, {recipe.performances} x {recipe.seconds:.0f} s (recipe {recipe.key()})")
@@ -183,7 +196,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         control, noise, target, phase = (t.to(args.device) for t in sample_batch(
-            dataset.train, batch, frames, rng, model.noise_width))
+            dataset.train, batch, frames, rng, model.noise_width, cfg.controls))
         h, c, _, amp, tail = (s.to(args.device) for s in model.initial_state(batch))
         audio = model(control, noise, h, c, phase, amp, tail)[0]
         loss = spectral_loss(audio, target)
@@ -218,6 +231,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                  "default": min(max(220.0, f0_range[0]), f0_range[1]), "smoothing": CONTROL_SMOOTHING_SECONDS},
                 {"name": "loudness", "unit": "dB", "min": -80.0, "max": 0.0, "default": -24.0,
                  "smoothing": CONTROL_SMOOTHING_SECONDS},
+                *([BRIGHTNESS_CONTROL] if cfg.brightness else []),
             ],
             "states": [{"name": k, "shape": v} for k, v in state_shapes(model).items()],
             "noise": model.noise_width, "onnx": onnx,
@@ -231,8 +245,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         log(f"parity max |torch-ORT| {parity['max_abs_audio']:.2e}, max f0 error {pitch['max_f0_relative_error']:.4%}")
         unseen = data.unseen(recipe, work / "data")
         log(f"quality on {len(unseen)} performance(s) of unseen seeds and tunes, through the engine, against the "
-            "per-key spectral table of the training data")
-        assessed, _ = quality.assess(frame_model, unseen, quality.spectral_table(dataset.train),
+            "spectral table of the training data (by key, and by brightness band where the model has that control)")
+        table = quality.spectral_table(dataset.train, quality.table_bands(frame_model))
+        assessed, _ = quality.assess(frame_model, unseen, table,
                                      log=lambda line: log(f"quality: {line}"))
         verification = {"parity": parity, "pitch": pitch, "quality": quality.verification_quality(assessed),
                         **POLICIES["instrument"].record()}

@@ -156,14 +156,18 @@ def test_tune_fragments_keep_their_shape_rests_and_rhythm():
     assert fragments >= 5
 
 
-def test_unseen_velocities_are_those_of_the_unseen_notes(cache):
-    """The velocity each frame's note was played at, replayed for the performances `unseen` renders: in the
-    data's range, new where a note starts, and louder where it is higher (velocity sets the note's level
-    before the CC11 expression does)."""
+def test_brightness_is_the_velocity_each_note_was_played_at(cache):
+    """Each frame's brightness is its note's velocity over the data's 40..127: in range, new where a note
+    starts, and louder where it is higher (velocity sets the note's level before the CC11 expression does); the
+    unseen performances carry it, and a cached build gives what a fresh render of the same score does."""
     [perf] = data.unseen(TINY, cache)
-    [velocity] = data.unseen_velocities(TINY, cache, 1)
-    assert velocity.shape == perf.f0.shape and 40 <= velocity.min() < velocity.max() <= 127
-    changes = np.flatnonzero(np.diff(velocity)) + 1
+    bright = perf.brightness
+    assert bright.shape == perf.f0.shape and 0.0 <= bright.min() < bright.max() <= 1.0
+    assert np.allclose(bright * 87 + 40, np.round(bright * 87 + 40), atol=1e-4)  # whole velocities
+    changes = np.flatnonzero(np.diff(bright)) + 1
     assert len(changes) >= 5 and np.all(perf.f0[changes] != perf.f0[changes - 1])  # each at a new note's first frame
     voiced = perf.loudness > -60
-    assert np.corrcoef(velocity[voiced], perf.loudness[voiced])[0, 1] > 0.4
+    assert np.corrcoef(bright[voiced], perf.loudness[voiced])[0, 1] > 0.4
+    built = data.build(TINY, cache)  # the second build reads the cache, which stores no brightness
+    assert np.array_equal(data.build(TINY, cache).train[0].brightness, built.train[0].brightness)
+    assert np.array_equal(built.train[0].brightness, data.render_one(TINY, 0, cache).brightness)

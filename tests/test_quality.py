@@ -169,9 +169,10 @@ def test_quality_bench_quick(tmp_path: Path) -> None:
         assert "skipped" in r["plot"]
 
 
-def harmonic_tone(keys: list[int], tilts: dict[int, float], db: float, frames: int) -> data.Performance:
+def harmonic_tone(keys: list[int], tilts: dict[int, float], db: float, frames: int, brightness: float = 0.5
+                  ) -> data.Performance:
     """Notes of `frames` frames each at MIDI `keys`, each key's harmonics falling as k**-tilt over a noise floor
-    40 dB down (every mel band holds some of the sound, as in a real instrument), at `db`."""
+    40 dB down (every mel band holds some of the sound, as in a real instrument), at `db` and `brightness`."""
     f0 = np.repeat([440.0 * 2 ** ((k - 69) / 12) for k in keys], frames)
     t = np.arange(frames * HOP) / SR
     audio = np.concatenate([sum(k ** -tilts[key] * np.sin(2 * np.pi * k * f * t) for k in range(1, 12))
@@ -179,13 +180,14 @@ def harmonic_tone(keys: list[int], tilts: dict[int, float], db: float, frames: i
     audio += 0.01 * np.random.default_rng(len(keys)).standard_normal(len(audio))
     audio *= 10 ** ((db + 3) / 20) / np.sqrt(np.mean(audio**2) * 2)
     audio = audio.astype(np.float32)
-    return data.Performance(f0.astype(np.float32), data.loudness_db(audio), audio)
+    return data.Performance(f0.astype(np.float32), data.loudness_db(audio), audio,
+                            np.full(len(f0), brightness, np.float32))
 
 
 def test_the_spectral_table_knows_each_keys_timbre_at_any_level() -> None:
     tilts = {60: 1.0, 67: 2.5}
     table = quality.spectral_table([harmonic_tone([60, 67, 60], tilts, -20, 40)])
-    assert set(table) == {60, 67}
+    assert set(table.shapes) == {(60, None), (67, None)}
     quieter = harmonic_tone([67, 60], tilts, -35, 40)  # the same timbres, 15 dB down, another order
     errors, scored, onset = quality.timbre_errors(quieter.audio, quieter, table)
     assert scored.sum() == 80 and np.flatnonzero(onset).tolist() == [*range(6), *range(40, 46)]
@@ -195,6 +197,22 @@ def test_the_spectral_table_knows_each_keys_timbre_at_any_level() -> None:
     swapped = harmonic_tone([67, 60], {60: 2.5, 67: 1.0}, -35, 40)  # each key with the other's timbre
     errors, _, _ = quality.timbre_errors(swapped.audio, quieter, table)
     assert errors["model"][steady].mean() > 5 * errors["table"][steady].mean()
+
+
+def test_the_table_for_a_model_told_the_brightness_knows_each_keys_timbre_in_each_band() -> None:
+    """Notes of one key played dark (brightness 0.1) and bright (0.9) differ in timbre: the table by band knows
+    both, the table by key alone knows their mean; a band the data never played falls back to the key's."""
+    dark, bright = harmonic_tone([60], {60: 2.5}, -20, 40, 0.1), harmonic_tone([60], {60: 1.0}, -20, 40, 0.9)
+    by_band = quality.spectral_table([dark, bright], bands=4)
+    assert set(by_band.shapes) == {(60, None), (60, 0), (60, 3)}
+    by_key = quality.spectral_table([dark, bright])
+    for perf in (dark, bright):
+        banded, scored, onset = quality.timbre_errors(perf.audio, perf, by_band)
+        keyed, _, _ = quality.timbre_errors(perf.audio, perf, by_key)
+        steady = scored & ~onset
+        assert banded["table"][steady].mean() < 0.1 < 0.5 * keyed["table"][steady].mean()
+    middle = harmonic_tone([60], {60: 1.7}, -20, 40, 0.4)  # band 1: never played
+    assert np.array_equal(by_band.lookup(middle, np.full(40, 60))[0][0], by_band.shapes[60, None])
 
 
 @pytest.mark.skipif(shutil.which("fluidsynth") is None or not data.SOUNDFONT.exists(),
