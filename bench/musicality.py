@@ -21,12 +21,13 @@ against their targets and writes JSON (default bench/out/musicality.json) and be
 - each instrument's log-mel L1 distance to FluidSynth on the performances the store's gate measures
   (`data.unseen`: new seeds, melodies from tunes outside the recipe's melody families), all voiced frames
   and onset frames (the first 60 ms of a note) apart, against a per-key spectral table (each MIDI key's mean
-  log-mel shape over the training data's steady frames, at the frame's loudness: the baseline the store's
-  gate uses), against a finer lookup (each key's mean shape at each 6 dB of loudness and each of a note's
-  first 6 frames: the strongest simple method we found) and against silence; on steady frames also against
-  each note's own median shape, the floor for anything that holds one shape a note, and fits per key on
-  loudness and on the note's velocity (which the data varies and the controls leave out); and whether
-  loudness moves the timbre as FluidSynth's samples do (spectral centroid per 10 dB, within each key).
+  log-mel shape over the training data's steady frames, at the frame's loudness: the issue's baseline and
+  the store's gate for a model without brightness), against that table by key and brightness band (the
+  gate's for a model told the brightness), against a finer lookup (each key's mean shape at each 6 dB of
+  loudness and each of a note's first 6 frames: the strongest simple method we found) and against silence;
+  on steady frames also against each note's own median shape, the floor for anything that holds one shape a
+  note, and fits per key on loudness and on brightness (the note's velocity); and whether loudness moves the
+  timbre as FluidSynth's samples do (spectral centroid per 10 dB, within each key).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from bench.quality import recipe_of  # noqa: E402
 from wavecast.daemon.midi import write_midi  # noqa: E402
 from wavecast.models import corpus, data  # noqa: E402
 from wavecast.models.quality import (  # noqa: E402
+    BRIGHTNESS_BANDS,
     MELS,
     ONSET_FRAMES,
     TIMBRE_TAKES,
@@ -60,6 +62,7 @@ from wavecast.models.quality import (  # noqa: E402
     log_mel,
     note_frames,
     spectral_table,
+    table_bands,
     timbre_errors,
 )
 from wavecast.models.store import SHIPPED, default_work  # noqa: E402
@@ -245,9 +248,9 @@ def onset_level_lookup(perfs: list[data.Performance]) -> dict[Cell, np.ndarray]:
     return {c: sums[c] / counts[c] for c in sums if counts[c] >= LOOKUP_MIN_FRAMES}
 
 
-def lookup_errors(perf: data.Performance, lookup: dict[Cell, np.ndarray]) -> np.ndarray:
-    """Per-frame log-mel L1 of the lookup against `perf`'s audio (the finest cell it has; silence where none)."""
-    reference = log_mel(perf.audio)
+def lookup_errors(perf: data.Performance, lookup: dict[Cell, np.ndarray], reference: np.ndarray) -> np.ndarray:
+    """Per-frame log-mel L1 of the lookup against `perf`'s audio, whose log-mel is `reference` (the finest cell
+    it has; silence where none)."""
     cells, _ = lookup_cells(perf)
     guess = np.full_like(reference, -10.0)
     for i, finest_first in enumerate(cells):
@@ -278,40 +281,43 @@ def instrument_gate(name: str) -> dict[str, Any]:
     recipe, _ = recipe_of(model)
     train = data.build(recipe, default_work() / "data").train
     table, lookup = spectral_table(train), onset_level_lookup(train)
+    banded = spectral_table(train, BRIGHTNESS_BANDS)  # the gate's table for a model told the brightness
     perfs = data.unseen(recipe, default_work() / "data", HELDOUT_PERFORMANCES)
-    velocities = data.unseen_velocities(recipe, default_work() / "data", HELDOUT_PERFORMANCES)
     assessed, rendered = assess(model, perfs, table)
     l1 = assessed["log_mel_l1"]
-    result: dict[str, Any] = {"instrument": name, "performances": len(perfs), "frames": l1["frames"]["all"],
-                              "onset_frames": l1["frames"]["onset"]}
-    looked: dict[str, list[np.ndarray]] = {"all": [], "onset": []}  # on the frames the gate scores
-    steady: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": [], "velocity": []}
-    held: dict[str, list[np.ndarray]] = {"model": [], "table": [], "lookup": [], "note_floor": []}
-    for perf, audio, velocity in zip(perfs, rendered, velocities, strict=True):
+    result: dict[str, Any] = {"instrument": name, "brightness": table_bands(model) > 1, "performances": len(perfs),
+                              "frames": l1["frames"]["all"], "onset_frames": l1["frames"]["onset"]}
+    looked: dict[str, dict[str, list[np.ndarray]]] = {k: {"all": [], "onset": []} for k in ("lookup", "banded")}
+    steady: dict[str, list[np.ndarray]] = {"model": [], "reference": [], "loudness": [], "keys": [], "brightness": []}
+    held: dict[str, list[np.ndarray]] = {"model": [], "table": [], "banded": [], "lookup": [], "note_floor": []}
+    for perf, audio in zip(perfs, rendered, strict=True):
         errors, scored, onset = timbre_errors(audio["model"], perf, table)
-        errors["lookup"] = lookup_errors(perf, lookup)
-        looked["all"].append(errors["lookup"][scored])
-        looked["onset"].append(errors["lookup"][onset])
-        keys, voiced, since = note_frames(perf)
-        frames = voiced & (since >= ONSET_FRAMES)
         reference = log_mel(perf.audio)
+        keys, voiced, since = note_frames(perf)
+        errors["lookup"] = lookup_errors(perf, lookup, reference)
+        errors["banded"] = np.abs(banded.lookup(perf, keys)[0] + perf.loudness[:, None] / 10.0 - reference).mean(1)
+        for k in looked:  # on the frames the gate scores
+            looked[k]["all"].append(errors[k][scored])
+            looked[k]["onset"].append(errors[k][onset])
+        frames = voiced & (since >= ONSET_FRAMES)
         for what, x in (("model", log_mel(audio["model"])), ("reference", reference),
-                        ("loudness", perf.loudness), ("keys", keys), ("velocity", velocity)):
+                        ("loudness", perf.loudness), ("keys", keys), ("brightness", perf.brightness)):
             steady[what].append(x[frames])
         errors["note_floor"] = note_floor(reference - perf.loudness[:, None] / 10.0, since, frames)
         for take in held:
             held[take].append(errors[take][scored & frames])
     for part in ("all", "onset"):
-        lookup_l1 = float(np.concatenate(looked[part]).mean())
-        result[part] = {**{k: l1[part][k] for k in TIMBRE_TAKES}, "lookup": lookup_l1,
+        other = {k: float(np.concatenate(v[part]).mean()) for k, v in looked.items()}
+        result[part] = {**{k: l1[part][k] for k in TIMBRE_TAKES}, **other,
                         "gain_over_table": 1.0 - l1[part]["model"] / l1[part]["table"],
-                        "gain_over_lookup": 1.0 - l1[part]["model"] / lookup_l1}
+                        "gain_over_banded": 1.0 - l1[part]["model"] / other["banded"],
+                        "gain_over_lookup": 1.0 - l1[part]["model"] / other["lookup"]}
     result["steady"] = {take: float(np.concatenate(v).mean()) for take, v in held.items()}
     loud, keys = np.concatenate(steady["loudness"]), np.concatenate(steady["keys"])
     result["brightness_per_10db"] = {k: brightness_slope(np.concatenate(steady[k]), loud, keys)
                                      for k in ("model", "reference")}
     shapes = np.concatenate(steady["reference"]) - loud[:, None] / 10.0
-    result["steady_fits"] = velocity_fits(shapes, keys, loud, np.concatenate(steady["velocity"]))
+    result["steady_fits"] = steady_fits(shapes, keys, loud, np.concatenate(steady["brightness"]))
     a, o = result["all"], result["onset"]
     log(f"{name}: log-mel L1 model {a['model']:.3f}, table {a['table']:.3f}, lookup {a['lookup']:.3f}, silence "
         f"{a['silence']:.3f} ({a['gain_over_table']:.0%} better than the table); onsets model {o['model']:.3f}, "
@@ -321,21 +327,21 @@ def instrument_gate(name: str) -> dict[str, Any]:
     return result
 
 
-def velocity_fits(shapes: np.ndarray, keys: np.ndarray, loudness: np.ndarray, velocity: np.ndarray
-                  ) -> dict[str, float]:
-    """What the controls leave out of the steady timbre: log-mel L1 of least-squares fits to `shapes` (steady
+def steady_fits(shapes: np.ndarray, keys: np.ndarray, loudness: np.ndarray, brightness: np.ndarray
+                ) -> dict[str, float]:
+    """How much of the steady timbre each control explains: log-mel L1 of least-squares fits to `shapes` (steady
     frames, relative to their level) with an intercept per key and slopes shared across keys, on nothing else,
-    on loudness, and on loudness and the note's velocity (not a control). Fitted and scored on the same frames,
-    so optimistic for all three alike."""
+    on loudness, and on loudness and brightness (the note's velocity). Fitted and scored on the same frames, so
+    optimistic for all three alike."""
     per_key = (keys[:, None] == np.unique(keys)[None, :]).astype(np.float64)
-    v = velocity / 127.0
+    v = brightness.astype(np.float64)
 
     def l1(*columns: np.ndarray) -> float:
         x = np.column_stack([per_key, *columns])
         return float(np.abs(shapes - x @ np.linalg.lstsq(x, shapes, rcond=None)[0]).mean())
 
     return {"per_key": l1(), "loudness": l1(loudness, loudness**2),
-            "loudness_velocity": l1(loudness, loudness**2, v, v**2, loudness * v)}
+            "loudness_brightness": l1(loudness, loudness**2, v, v**2, loudness * v)}
 
 
 def brightness_slope(mel: np.ndarray, loudness: np.ndarray, keys: np.ndarray) -> float:
@@ -415,12 +421,15 @@ def report(result: dict[str, Any]) -> str:
             row(f"log-mel L1 {g['instrument']}, {part} frames: model / table / lookup / silence",
                 f"{s['model']:.2f} / {s['table']:.2f} / {s['lookup']:.2f} / {s['silence']:.2f}",
                 ">= 20 % under table", s["gain_over_table"] >= 0.20)
+            row(f"  {g['instrument']} {part} frames: table by key and brightness band"
+                f"{' (the gate' + chr(39) + 's: the model is told it)' if g['brightness'] else ''}",
+                f"{s['banded']:.2f} ({s['gain_over_banded']:.0%} over it)", "", True)
         s = g["steady"]
         row(f"  {g['instrument']} steady frames: model / table / lookup / each note's own median",
             f"{s['model']:.2f} / {s['table']:.2f} / {s['lookup']:.2f} / {s['note_floor']:.2f}", "", True)
         f = g["steady_fits"]
-        row(f"  {g['instrument']} steady, fitted per key / + loudness / + velocity (not a control)",
-            f"{f['per_key']:.2f} / {f['loudness']:.2f} / {f['loudness_velocity']:.2f}", "", True)
+        row(f"  {g['instrument']} steady, fitted per key / + loudness / + brightness",
+            f"{f['per_key']:.2f} / {f['loudness']:.2f} / {f['loudness_brightness']:.2f}", "", True)
         b = g["brightness_per_10db"]
         row(f"  {g['instrument']} brighter per 10 dB louder: model / FluidSynth (mel bands)",
             f"{b['model']:.2f} / {b['reference']:.2f}", "", True)

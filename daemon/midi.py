@@ -76,7 +76,8 @@ def write_midi(path: Path, notes: list[Note], frame_seconds: float, program: int
                 events.append((tick, 0, message))
         if note.midi is not None:
             length = max(1, round(note.quarters * TICKS_PER_QUARTER))
-            events += [(tick, 2, bytes([0x90, note.midi, 96])), (tick + length, 1, bytes([0x80, note.midi, 0]))]
+            events += [(tick, 2, bytes([0x90, note.midi, note.velocity])),
+                       (tick + length, 1, bytes([0x80, note.midi, 0]))]
         previous = note
     events.sort(key=lambda e: e[:2])
     track = bytearray(bytes([0, 0xC0, program & 0x7F]))

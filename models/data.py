@@ -4,7 +4,7 @@ Each performance is a monophonic line of phrases: folk-tune fragments from the m
 arpeggios, leaps and held notes; legato and staccato; velocity, expression ramps (CC11), vibrato and glides
 as pitch bend. f0 comes from the notes and bends themselves, so it is exact; loudness is measured from the
 rendered audio; brightness is each note's velocity (see `brightness_of`). Imports numpy + mido + stdlib
-(and music21 through models.corpus) only.
+(and music21 through models.corpus, the shared vocabulary of streaming.notes) only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import mido
 import numpy as np
 
 from wavecast.models import corpus
+from wavecast.streaming.notes import VELOCITIES
 
 SAMPLE_RATE = 48_000  # Hz
 HOP = 480  # samples per frame (10 ms)
@@ -57,8 +58,6 @@ INSTRUMENTS = {
     "clarinet": (71, 50, 91), "flute": (73, 60, 96),
 }
 
-
-VELOCITIES = (40, 127)  # the note velocities the data plays; brightness 0..1 spans them
 
 UNSEEN_SEED = 1000  # the quality gate's performances come from the recipe's seed + this
 UNSEEN_TUNES = 50  # their melodies from this many tunes of each collection after the recipe's own

@@ -84,14 +84,16 @@ def verify_parity(model: Instrument, frame_model: FrameModel, steps: int = 240, 
     return {"steps": steps, "batch": batch, "max_abs_audio": audio_gap, "max_abs_state": state_gap}
 
 
-def render_constant(frame_model: FrameModel, f0: float, loudness: float, seconds: float, seed: int = 0) -> np.ndarray:
-    """Mono audio for constant controls (any past f0 and loudness at their defaults), one frame per call as the
-    engine runs it."""
+def render_constant(frame_model: FrameModel, f0: float, loudness: float, seconds: float, seed: int = 0,
+                    others: dict[str, float] | None = None) -> np.ndarray:
+    """Mono audio for constant controls (those past f0 and loudness as `others` says, else at their defaults),
+    one frame per call as the engine runs it."""
     m = frame_model.manifest
     frames = int(round(seconds / m.frame_seconds))
     rng = np.random.default_rng(seed)
     states = frame_model.zero_states(1)
-    control = np.array([[[f0, loudness, *(c.default for c in m.controls[2:])]]], np.float32)
+    control = np.array([[[f0, loudness, *((others or {}).get(c.name, c.default) for c in m.controls[2:])]]],
+                       np.float32)
     out = np.empty(frames * m.hop, np.float32)
     for i in range(frames):
         audio, states = frame_model.run(control, rng.random((1, 1, m.noise), dtype=np.float32), states)

@@ -4,9 +4,9 @@
 ``features [B,T,FEATURES]`` (streaming.notes) and ``state_in.h/c``; outputs ``pitch_logits``,
 ``duration_logits`` and ``state_out.h/c``. A `Voice` is one stream's composing state: its controls, a
 seeded generator for sampling (separate from the audio noise), the bar position and the note being played;
-its `Performer` (streaming.performer) turns the notes into the instrument's per-frame f0 and loudness. The
-engine runs one batched composer call per tick for every voice whose next note starts at that frame, so
-composing costs one step per note.
+its `Performer` (streaming.performer) turns the notes into the instrument's per-frame f0, loudness and
+brightness. The engine runs one batched composer call per tick for every voice whose next note starts at that
+frame, so composing costs one step per note.
 
 Sampling shapes what the model proposes: `form` replays earlier bars note for note (forced through the
 model, which still steps on them, so its state follows the melody) and makes phrase endings cadence by
@@ -48,6 +48,7 @@ from wavecast.streaming.notes import (
     register_median,
     scale_mask,
     token_midi,
+    velocity_of,
 )
 from wavecast.streaming.performer import DEFAULT_ARTICULATION, STOP_SECONDS, Articulation, Performer, Phrasing
 
@@ -263,12 +264,13 @@ class Note:
     scale: str
     tempo: float
     metre: str = "4/4"
+    velocity: int = 96  # how hard the performer played it (MIDI; `notes.velocity_of` its brightness)
 
     def to_dict(self) -> dict:
         return {"frame": self.frame, "frames": self.frames, "midi": self.midi,
                 "note": note_name(self.midi) if self.midi else "rest", "quarters": round(self.quarters, 4),
                 "bar": self.bar, "beat": round(self.beat, 3), "key": self.scale, "tempo": self.tempo,
-                "metre": self.metre}
+                "metre": self.metre, "velocity": self.velocity}
 
 
 class ComposerGroup:
@@ -526,6 +528,8 @@ class Voice:
         phrase = (index % PHRASE_BARS + offset / bar) / PHRASE_BARS
         self.performer.play(Phrasing(note.frame, note.frames, note.midi, quarters, offset < EPS, phrase),
                             s["volume"], s["legato"])
+        if note.midi is not None:
+            note.velocity = velocity_of(float(self.performer.out[2]))
         self.previous = np.array([pitch, duration], np.int64)
         self.position += quarters
         self.note = note
@@ -536,7 +540,7 @@ class Voice:
                 del self.notes[: -self.keep_notes]
 
     def frame_controls(self, frame: int) -> np.ndarray:
-        """f0 (Hz) and loudness (dB) for this frame."""
+        """f0 (Hz), loudness (dB) and brightness (0..1) for this frame."""
         return self.performer.frame(frame, self.settings["vibrato"])
 
 

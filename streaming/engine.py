@@ -161,9 +161,12 @@ class Group:
         self.limited = 0  # frames the limiter turned down since the engine last counted them
         self.marker = Marker(watermark, capacity, m.sample_rate, m.hop) if watermark is not None else None
         self.layers: list[Layer] = []  # stings playing on top of streams (inference thread only)
-        # the columns a performer plays (a composer's voice, a sting): f0 and loudness, where the model has them
+        # the columns a performer plays (a composer's voice, a sting): f0 and loudness, where the model has them;
+        # a voice also plays the brightness, where the model has that too (a sting leaves it as it is)
         self.played = [self.controls.index[n] for n in ("f0", "loudness")] if {"f0", "loudness"} <= \
             set(self.controls.index) else []
+        self.performed = self.played + [self.controls.index["brightness"]] if self.played and \
+            "brightness" in self.controls.index else self.played
         self.removed = False  # unloaded by `Engine.remove_model`; a new stream puts it back
 
     def predicted_seconds(self, streams: int) -> float:
@@ -367,8 +370,10 @@ class Stream:
         return self.group.controls.as_dict(self.slot)
 
     def perform(self) -> None:
-        """Take this frame's f0 and loudness from the voice (unsmoothed: the performer shapes them)."""
-        self.group.controls.jump(self.slot, self.group.played, self.voice.frame_controls(self.frames))
+        """Take this frame's f0, loudness and (where the model has it) brightness from the voice (unsmoothed: the
+        performer shapes them)."""
+        performed = self.group.performed
+        self.group.controls.jump(self.slot, performed, self.voice.frame_controls(self.frames)[: len(performed)])
 
     def fail(self, reason: str) -> None:
         self.failure = reason

@@ -28,6 +28,7 @@ MODES = {  # semitones above the tonic
 _MODE_ALIASES = {"ionian": "major", "aeolian": "minor"}
 REGISTERS = {"low": 0.0, "mid": 0.5, "high": 1.0}  # the register feature: median pitch 55 .. 79 mapped to 0..1
 _REGISTER_LOW, _REGISTER_HIGH = 55.0, 79.0
+VELOCITIES = (40, 127)  # the MIDI velocities the instruments' data plays (models/data.py): brightness 0..1 spans them
 _DENSITY_LOW, _DENSITY_HIGH = 0.5, 4.0  # notes per quarter note mapped to density 0..1 (log scale)
 FEATURES = 3 + 12 + len(MODES) + 3  # bar position (3), tonic, mode, density, register, triple metre
 
@@ -82,6 +83,12 @@ def duration_token(quarters: float) -> int:
 def midi_hz(midi: float) -> float:
     """Equal-tempered frequency of a MIDI note, A4 (69) = 440 Hz."""
     return 440.0 * 2.0 ** ((midi - 69) / 12)
+
+
+def velocity_of(brightness: float) -> int:
+    """The MIDI velocity a note of `brightness` (0..1) was played at, over VELOCITIES."""
+    low, high = VELOCITIES
+    return round(low + min(1.0, max(0.0, brightness)) * (high - low))
 
 
 def note_name(midi: int) -> str:

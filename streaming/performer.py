@@ -1,4 +1,4 @@
-"""The performer: typed notes in, an instrument's per-frame f0 and loudness out.
+"""The performer: typed notes in, an instrument's per-frame f0, loudness and brightness out.
 
 The composer (streaming.composer) decides what is played; the performer decides how, the way a player
 phrases a line. A note attacks with the instrument's own onset time, from whatever the previous note's tail
@@ -8,8 +8,9 @@ detached notes, how little of the note's end is released. A released note falls 
 rate but no more than LIFT_DB before the next note (a lift, not a stop), and a rest shorter than a quarter
 note falls to no more than ROOM_DB under the note before, as it rings on in a room, so that a phrase
 breathes instead of stopping dead. Dynamics follow the metre and the phrase: an accent on the downbeat, a
-swell to the middle of each 4-bar phrase, a little unevenness. Everything here runs on the inference
-thread, once a frame, with no allocation.
+swell to the middle of each 4-bar phrase, a little unevenness; and a louder note is played harder, so it is
+brighter (for an instrument with a brightness control: see `Articulation.brightest_db`). Everything here runs
+on the inference thread, once a frame, with no allocation.
 """
 
 from __future__ import annotations
@@ -44,17 +45,27 @@ class Articulation:
 
     attack_seconds: float  # from ONSET_DB under the level to the level
     release_seconds: float  # a released note's fall of 60 dB
+    # The level (dB) at which the training data's notes are on average played at full velocity (brightness 1),
+    # and the dB under it at which they are at the softest (0): a line fitted to brightness against loudness over
+    # the data's voiced frames.
+    brightest_db: float = -5.0
+    brightness_span_db: float = 55.0
+
+    def brightness(self, level: float) -> float:
+        """How hard a note at `level` dB is played, as the data plays such notes on average."""
+        return min(1.0, max(0.0, 1.0 + (level - self.brightest_db) / self.brightness_span_db))
 
 
 # Measured from FluidSynth (FluidR3_GM) playing one mid-range note of each GM program: the time to come within
 # 3 dB of the sustained level, and the fall of 60 dB after note-off. The clarinet's soundfont release is one
-# frame; a player tapers, and 0.1 s is the shortest release used.
+# frame; a player tapers, and 0.1 s is the shortest release used. The brightness lines come from each one's
+# training data (models.data: velocity as brightness against loudness, voiced frames of the 22 performances).
 ARTICULATIONS = {
-    40: Articulation(0.16, 0.23),  # violin
-    42: Articulation(0.22, 0.27),  # cello
-    56: Articulation(0.03, 0.10),  # trumpet
-    71: Articulation(0.05, 0.10),  # clarinet
-    73: Articulation(0.07, 0.16),  # flute
+    40: Articulation(0.16, 0.23, -0.6, 65.4),  # violin
+    42: Articulation(0.22, 0.27, -4.0, 61.5),  # cello
+    56: Articulation(0.03, 0.10, -16.5, 42.6),  # trumpet
+    71: Articulation(0.05, 0.10, -4.8, 47.6),  # clarinet
+    73: Articulation(0.07, 0.16, 0.1, 63.1),  # flute
 }
 DEFAULT_ARTICULATION = Articulation(0.06, 0.15)
 
@@ -88,7 +99,7 @@ class Performer:
         self.f0_range = f0_range
         self.loudness_max = loudness_max  # the instrument's top: an accent never asks for more
         self.frame_seconds = frame_seconds
-        self.out = np.array([f0_range[0], FLOOR_DB], np.float32)  # f0, loudness of the current frame
+        self.out = np.array([f0_range[0], FLOOR_DB, 0.5], np.float32)  # f0, loudness, brightness of this frame
         self.reset()
 
     def reset(self) -> None:
@@ -128,6 +139,7 @@ class Performer:
             return
         level = volume + (ACCENT_DB if note.downbeat else 0.0) + PHRASE_SWELL_DB * math.sin(math.pi * note.phrase)
         self.level = min(level + self.rng.uniform(-UNEVEN_DB, UNEVEN_DB), self.loudness_max)
+        self.out[2] = self.articulation.brightness(self.level)  # as a velocity: set at the note's start
         if slurred and previous.midi != note.midi:
             self.glide_from, self.onset = float(self.out[0]), float(self.out[1])
         elif slurred:
@@ -146,7 +158,7 @@ class Performer:
             self.fall = min(LIFT_DB / gap, max(self._release_fall(), (1.0 - legato) * LIFT_DB / gap))
 
     def frame(self, frame: int, vibrato: float) -> np.ndarray:
-        """f0 (Hz) and loudness (dB) for this frame; `vibrato` 0..1 of VIBRATO_CENTS."""
+        """f0 (Hz), loudness (dB) and brightness (0..1) for this frame; `vibrato` 0..1 of VIBRATO_CENTS."""
         note, fs = self.note, self.frame_seconds
         if note is None or note.midi is None or frame >= self.off_frame:
             self.out[1] = max(FLOOR_DB, self.out[1] - self.fall)
@@ -180,4 +192,4 @@ class Performer:
         self.off_frame, self.level, self.onset = state["off_frame"], state["level"], state["onset"]
         self.attack = state["attack"]
         self.glide_from, self.fall = state["glide_from"], state["fall"]
-        self.out = np.array(state["out"], np.float32)
+        self.out = np.array([*state["out"], 0.5][:3], np.float32)  # a snapshot from before brightness: 0.5

@@ -377,6 +377,9 @@ def _voice(raw: Any) -> dict[str, Any]:
         raise SnapshotError(f"the snapshot's field 'voice.actions' may hold only {', '.join(ACTIONS)}")
     if voice["note"] is not None:
         note = {k: _need(voice["note"], k, kind, "voice.note.") for k, kind in NOTE_FIELDS.items()}
+        if "velocity" in voice["note"]:  # snapshots from before velocities leave it out
+            note["velocity"] = _need(voice["note"], "velocity", int, "voice.note.")
+            _bounded(note, {"velocity": (1, 127)}, "voice.note.")
         _bounded(note, NOTE_BOUNDS, "voice.note.")
         try:
             validate_controls({k: note[k] for k in ("scale", "tempo", "metre")})
@@ -392,10 +395,11 @@ def _performer(raw: Any) -> dict[str, Any]:
     performer = {k: _need(raw, k, kind, "voice.performer.") for k, kind in PERFORMER_FIELDS.items()}
     _bounded(performer, PERFORMER_BOUNDS, "voice.performer.")
     out = performer["out"]
-    if len(out) != 2 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in out) or \
-            not (1e-3 <= out[0] <= 1e5 and -200.0 <= out[1] <= 20.0):
-        raise SnapshotError("the snapshot's field 'voice.performer.out' must be [f0, loudness]: Hz from 0.001 to "
-                            "100000, dB from -200 to 20")
+    if len(out) not in (2, 3) or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in out) or \
+            not (1e-3 <= out[0] <= 1e5 and -200.0 <= out[1] <= 20.0 and all(0.0 <= v <= 1.0 for v in out[2:])):
+        raise SnapshotError("the snapshot's field 'voice.performer.out' must be [f0, loudness, brightness]: Hz from "
+                            "0.001 to 100000, dB from -200 to 20, brightness from 0 to 1 (snapshots from before "
+                            "brightness leave it out)")
     if performer["note"] is not None:
         note = {k: _need(performer["note"], k, kind, "voice.performer.note.") for k, kind in PHRASING_FIELDS.items()}
         _bounded(note, PHRASING_BOUNDS, "voice.performer.note.")

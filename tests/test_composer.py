@@ -222,8 +222,9 @@ def test_composer_api_errors(server: Server) -> None:
 
 def test_the_midi_file_is_in_the_piece_s_time_with_its_tempo_metre_and_key(violin: FrameModel, composer: ComposerModel,
                                                                            tmp_path: Path) -> None:
-    """Read back with mido: notes at their positions in quarter notes, a tempo, time and key signature at the
-    start and at each change, and the file's length the piece's (a pause kept as time)."""
+    """Read back with mido: notes at their positions in quarter notes, at the velocities the performer played them
+    (downbeat accents and phrase swells), a tempo, time and key signature at the start and at each change, and the
+    file's length the piece's (a pause kept as time)."""
     mido = pytest.importorskip("mido")
     from wavecast.daemon.midi import TICKS_PER_QUARTER, write_midi
 
@@ -238,11 +239,13 @@ def test_the_midi_file_is_in_the_piece_s_time_with_its_tempo_metre_and_key(violi
     assert [round(mido.tempo2bpm(m.tempo)) for t, m in meta if t == "set_tempo"] == [120, 90]
     assert [(m.numerator, m.denominator) for t, m in meta if t == "time_signature"] == [(3, 4), (6, 8)]
     assert [m.key for t, m in meta if t == "key_signature"] == ["Am", "D"]  # E dorian has D major's notes
-    at, starts = 0, []
+    at, starts, velocities = 0, [], []
     for m in song.tracks[0]:
         at += m.time
         if m.type == "note_on":
             starts.append(at)
+            velocities.append(m.velocity)
+    assert velocities == [n.velocity for n in notes if n.midi is not None] and len(set(velocities)) > 3
     before_change = [n for n in notes if n.tempo == 120.0 and n.midi is not None]
     positions = np.cumsum([0.0] + [n.quarters for n in notes])[[i for i, n in enumerate(notes) if n.midi is not None]]
     assert starts[: len(before_change)] == [round(p * TICKS_PER_QUARTER) for p in positions[: len(before_change)]]

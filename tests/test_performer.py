@@ -1,5 +1,6 @@
-"""The performer: notes in, per-frame f0 and loudness out, phrased (tails that reach into the next attack,
-slurs that glide, short rests that ring on), and a composed stream that keeps sounding inside its phrases."""
+"""The performer: notes in, per-frame f0, loudness and brightness out, phrased (tails that reach into the next
+attack, slurs that glide, short rests that ring on, louder notes played harder), and a composed stream that
+keeps sounding inside its phrases and plays its instrument's brightness."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from wavecast.models.data import loudness_db
 from wavecast.models.quality import in_phrase
 from wavecast.models.store import SHIPPED
 from wavecast.streaming.composer import ComposerModel
-from wavecast.streaming.engine import compose
+from wavecast.streaming.engine import Engine, compose
 from wavecast.streaming.model import FrameModel, Manifest
 from wavecast.streaming.notes import midi_hz
 from wavecast.streaming.performer import (
@@ -30,7 +31,7 @@ VIOLIN, CLARINET = ARTICULATIONS[40], ARTICULATIONS[71]
 
 def play(notes: list[tuple[int | None, int]], legato: float, articulation=VIOLIN, volume: float = -20.0
          ) -> tuple[np.ndarray, list[int]]:
-    """[frames, 2] controls for (midi or None, frames) notes played back to back, and each note's first frame."""
+    """[frames, 3] controls for (midi or None, frames) notes played back to back, and each note's first frame."""
     performer = Performer(3, articulation, (30.0, 4000.0), 0.0, FS)
     out, starts, frame = [], [], 0
     for midi, frames in notes:
@@ -77,6 +78,46 @@ def test_each_instrument_attacks_at_its_own_speed() -> None:
     assert frames_to_level(VIOLIN) > 2 * frames_to_level(CLARINET)
     curve, _ = play([(67, 80)], legato=1.0)
     assert curve[0, 1] < curve[60, 1] - ONSET_DB / 4  # a note out of silence starts well under its level
+
+
+def test_a_louder_note_is_played_harder_so_brighter() -> None:
+    """Brightness is a velocity: set at each note's start (slurred or not), held through the note and its
+    release, higher for a louder note, as the instrument's data plays such notes on average."""
+    soft, _ = play([(67, 40), (69, 40)], legato=0.0, articulation=CLARINET, volume=-40.0)
+    loud, starts = play([(67, 40), (69, 40), (None, 30), (71, 40)], legato=1.0, articulation=CLARINET, volume=-10.0)
+    assert 0.0 <= soft[:, 2].max() < 0.4 < 0.8 < loud[:, 2].min() <= 1.0
+    changes = np.flatnonzero(np.diff(loud[:, 2])) + 1
+    assert set(changes) <= set(starts[1:]) and len(changes) >= 2  # new notes only; the rest keeps the last
+    for start in starts:
+        level = loud[start + 30, 1]  # the note's level, past its attack
+        assert loud[start, 2] == pytest.approx(CLARINET.brightness(level), abs=0.01) or start == starts[2]
+    assert ARTICULATIONS[56].brightness(-30.0) > CLARINET.brightness(-30.0)  # the trumpet is played harder there
+
+
+def test_a_composed_stream_plays_the_brightness_where_its_instrument_has_it() -> None:
+    """Through the engine: each frame of a composed stream on a model with a brightness control takes the
+    performer's brightness, which steps at note starts and follows the volume; a model without the control
+    plays as before."""
+    folk = ComposerModel(SHIPPED / "folk")
+    seen = {}
+    for volume in (-40.0, -10.0):
+        engine = Engine(buffer_frames=1, max_streams=1, budget=None)
+        group = engine.add_model(FrameModel(SHIPPED / "clarinet", device="cpu"))
+        stream = engine.create_stream(group, 4, {"tempo": 140, "volume": volume}, engine.add_composer(folk))
+        reader, column = stream.listen(), group.controls.index["brightness"]
+        frame, values = np.empty(group.manifest.hop, np.float32), []
+        for _ in range(600):
+            engine.tick()
+            reader.read(frame)
+            values.append(float(group.controls.current[stream.slot, column]))
+            assert values[-1] == pytest.approx(float(stream.voice.performer.out[2]))
+        starts = {n.frame for n in stream.voice.notes}
+        changes = np.flatnonzero(np.diff(values)) + 1
+        assert len(changes) > 10 and set(changes.tolist()) <= starts
+        seen[volume] = np.mean(values[100:])
+    assert seen[-40.0] + 0.4 < seen[-10.0]
+    violin = Engine(buffer_frames=1, max_streams=1, budget=None).add_model(FrameModel(SHIPPED / "violin"))
+    assert violin.performed == violin.played and "brightness" not in violin.controls.index
 
 
 def test_the_articulation_comes_from_the_instrument_s_program() -> None:

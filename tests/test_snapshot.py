@@ -103,7 +103,9 @@ def test_plain_stream_resumes_sample_exact(violin: FrameModel) -> None:
     np.testing.assert_array_equal(after, reference[N:])  # bit-exact: the same arithmetic on the same inputs
 
 
-def test_composed_stream_resumes_sample_exact_across_notes(violin: FrameModel, folk: ComposerModel) -> None:
+@pytest.mark.parametrize("name", ["violin", "clarinet"])  # the clarinet's voice also plays its brightness
+def test_composed_stream_resumes_sample_exact_across_notes(name: str, folk: ComposerModel) -> None:
+    violin = FrameModel(SHIPPED / name, device="cpu")
     ref_engine, group, composer = engine(violin, folk)
     ref = ref_engine.create_stream(group, 11, COMPOSED, composer)
     reference = play(ref_engine, ref, N + M)
@@ -197,7 +199,14 @@ def test_bad_bytes_are_refused_with_reasons(violin: FrameModel, cello: FrameMode
     bad = dataclasses.replace(snap, voice={**snap.voice, "position": "two"})
     with pytest.raises(SnapshotError, match="'voice.position' has the wrong type"):
         decode(encode(bad))
-    assert len(e.streams) == 1  # nothing refused took a slot
+    performer = snap.voice["performer"]
+    bad = dataclasses.replace(snap, voice={**snap.voice, "performer": {**performer, "out": [440.0, -20.0, 1.5]}})
+    with pytest.raises(SnapshotError, match="'voice.performer.out' must be .*brightness from 0 to 1"):
+        decode(encode(bad))
+    # a snapshot from before brightness (f0 and loudness alone) still resumes, at the middle brightness
+    old = dataclasses.replace(snap, voice={**snap.voice, "performer": {**performer, "out": performer["out"][:2]}})
+    assert e.resume(group, decode(encode(old)), composer).voice.performer.out[2] == 0.5
+    assert len(e.streams) == 2  # nothing refused took a slot (the old snapshot's stream did)
 
 
 # -- HTTP: one daemon to another ---------------------------------------------------------------------------

@@ -72,3 +72,18 @@ def test_training_can_start_from_an_instrument_in_the_store(tmp_path: Path) -> N
     tone = {"f0": 440.0, "loudness": -20.0}
     gap = np.abs(log_mel(render(warm, 1.0, 0, tone)) - log_mel(render(default, 1.0, 0, tone))).mean()
     assert gap < 0.05, gap
+    # With --brightness from a model without it: the new control is there and starts out doing nothing (its
+    # weights at zero), so the run starts from the default's sound at any brightness.
+    result = subprocess.run([*cmd[:-1], "bright", "--brightness"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bright = FrameModel(ModelStore(store).resolve("bright").directory)
+    assert [c.name for c in bright.manifest.controls] == ["f0", "loudness", "brightness"]
+    assert bright.manifest.training["model"]["brightness"] is True
+    for value in (0.0, 1.0):
+        gap = np.abs(log_mel(render(bright, 1.0, 0, tone | {"brightness": value}))
+                     - log_mel(render(default, 1.0, 0, tone))).mean()
+        assert gap < 0.05, (value, gap)
+    # and a model with brightness does not start one without it
+    refused = subprocess.run([*base, "--init", "bright"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "has a brightness control; train with --brightness" in refused.stderr
