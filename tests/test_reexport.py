@@ -53,9 +53,10 @@ def old_style_copy(source: Path, directory: Path) -> Path:
     return directory
 
 
-def demanding_controls(frames: int = 120) -> np.ndarray:
-    """[5, frames, 2]: 55 Hz and 1500 Hz held through loudness swells and a cut, a glide across the range,
-    vibrato, and a jump every 20 frames."""
+def demanding_controls(frames: int = 120, columns: int = 2) -> np.ndarray:
+    """[5, frames, columns]: 55 Hz and 1500 Hz held through loudness swells and a cut, a glide across the range,
+    vibrato, and a jump every 20 frames; with a third column, brightness soft, hard, swept, wobbling and
+    stepping with the jumps."""
     t = np.arange(frames)
     swell = -45.0 + 30.0 * np.sin(2 * np.pi * t / 37.0)
     swell[50:56] = -80.0
@@ -64,7 +65,9 @@ def demanding_controls(frames: int = 120) -> np.ndarray:
         220.0 * 2 ** (0.3 * np.sin(2 * np.pi * t / 9.0) / 12), np.where((t // 20) % 2 == 0, 98.0, 1318.5),
     ])
     loud = np.stack([swell, swell[::-1], np.full(frames, -12.0), swell, np.linspace(-60.0, -6.0, frames)])
-    return np.stack([f0, loud], axis=-1).astype(np.float32)
+    bright = np.stack([np.full(frames, 0.1), np.full(frames, 0.9), np.linspace(0.0, 1.0, frames),
+                       0.5 + 0.4 * np.sin(2 * np.pi * t / 23.0), np.where((t // 20) % 2 == 0, 0.2, 1.0)])
+    return np.stack([f0, loud, bright][:columns], axis=-1).astype(np.float32)
 
 
 def test_lstm_gates_move_from_onnx_to_torch_order() -> None:
@@ -119,15 +122,15 @@ def old_default(old_graphs: dict[str, Path]) -> Path:
 def test_new_graph_reproduces_the_old_audio(name: str, old_graphs: dict[str, Path]) -> None:
     """Each shipped model (wavetable) vs its weights in the old graph: 120 stateful frames, 55-1500 Hz."""
     old, new = FrameModel(old_graphs[name], device="cpu"), FrameModel(SHIPPED / name, device="cpu")
-    f0 = old.manifest.control("f0")
-    controls = demanding_controls()
+    f0, columns = old.manifest.control("f0"), len(old.manifest.controls)
+    controls = demanding_controls(columns=columns)
     controls[..., 0] = controls[..., 0].clip(f0.min, f0.max)  # as the engine clamps them
     same = equivalence(new, old, controls=controls)
     assert same["steps"] == 120 and same["signal_rms"] > 0.05
     assert same["snr_db"] >= (100.0 if name == "default" else 83.0), same
     assert same["max_abs_diff"] < 5e-4, same
     for hz in (55.0, 1500.0):  # each extreme on its own, so neither hides behind the other's level
-        held = demanding_controls()[:2]
+        held = demanding_controls(columns=columns)[:2]
         held[:, :, 0] = hz
         one = equivalence(new, old, controls=held)
         assert one["snr_db"] >= 72.0, (hz, one)
