@@ -765,6 +765,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of a log-mel L1 term added to the spectral loss, which weighs every band alike as "
                         "the gate's timbre figures do; 0 trains on the spectral loss alone, as the shipped "
                         "instruments were (default: %(default)s)")
+    p.add_argument("--crops", choices=["any", "onset"], default="any",
+                   help="where training crops start: anywhere (default), or a few frames before a note starts, so "
+                        "that every crop hears its first note from the onset, as a stream does, and the model can "
+                        "learn how a note's sound moves from there (FluidSynth's samples evolve through a note)")
     p.add_argument("--brightness", action="store_true",
                    help="a third control, brightness 0..1 (the note's velocity in the data), for instruments whose "
                         "timbre moves with how hard a note is played apart from its level (trumpet, clarinet)")

@@ -40,6 +40,7 @@ PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside th
 # octave steps at any constant from 0 to 30 ms (the graph ramps amplitudes across a frame and keeps the
 # phase); 10 ms still glides a slider's steps and is heard 2.4 frames sooner than 30 ms was.
 CONTROL_SMOOTHING_SECONDS = 0.01
+ONSET_LEAD = 5  # frames of what sounded before a note that an onset crop (`--crops onset`) starts with
 # The note's velocity over the data's range (models/data.py `brightness_of`); its default is the middle of the
 # data's velocities, and it glides as f0 and loudness do.
 BRIGHTNESS_CONTROL = {"name": "brightness", "unit": "", "min": 0.0, "max": 1.0, "default": 0.5,
@@ -85,18 +86,30 @@ def mel_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (mels[0] - mels[1]).abs().mean()
 
 
+def onset_starts(perfs: list[data.Performance], frames: int) -> list[np.ndarray]:
+    """For each performance, the crop starts of `--crops onset`: ONSET_LEAD frames before each voiced frame that
+    begins a note (`quality.note_frames`), where a crop of `frames` fits."""
+    starts = []
+    for p in perfs:
+        _, voiced, since = quality.note_frames(p)
+        onsets = np.flatnonzero(voiced & (since == 0)) - ONSET_LEAD
+        starts.append(onsets[(onsets >= 0) & (onsets < len(p.f0) - frames)])
+    return starts
+
+
 def sample_batch(
     perfs: list[data.Performance], batch: int, frames: int, rng: np.random.Generator, noise_width: int,
-    columns: int = 2,
+    columns: int = 2, starts: list[np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Random crops: controls [B,F,C] (f0, loudness[, brightness]), noise [B,F,N], target audio [B,F*hop],
-    initial phases [B,1]."""
-    lengths = np.array([len(p.f0) - frames for p in perfs], float)
+    initial phases [B,1]. Crops start anywhere, or with `starts` (`onset_starts`) at one of those."""
+    lengths = np.array([len(p.f0) - frames for p in perfs] if starts is None else [len(s) for s in starts], float)
     picks = rng.choice(len(perfs), size=batch, p=lengths / lengths.sum())
     control = np.empty((batch, frames, columns), np.float32)
     target = np.empty((batch, frames * data.HOP), np.float32)
     for i, k in enumerate(picks):
-        p, start = perfs[k], rng.integers(0, len(perfs[k].f0) - frames)
+        p = perfs[k]
+        start = rng.integers(0, len(p.f0) - frames) if starts is None else starts[k][rng.integers(len(starts[k]))]
         control[i, :, 0] = p.f0[start : start + frames]
         control[i, :, 1] = p.loudness[start : start + frames]
         if columns > 2:
@@ -184,6 +197,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     settings = {"recipe": recipe.key(), "model": cfg.to_dict(), "model_code": model_code, "steps": steps,
                 "batch": batch, "frames": frames, "lr": args.lr, "seed": args.seed,
                 "mel_weight": args.mel_weight, "init": init}
+    if args.crops != "any":  # recorded only when used, so that earlier runs' checkpoints still resume
+        settings["crops"] = args.crops
+    starts = onset_starts(dataset.train, frames) if args.crops == "onset" else None
     checkpoint = Checkpoint(work, args.name, settings)
     first, history, earlier_seconds = checkpoint.resume(model, optimizer, args.device)
     if first:
@@ -196,7 +212,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         control, noise, target, phase = (t.to(args.device) for t in sample_batch(
-            dataset.train, batch, frames, rng, model.noise_width, cfg.controls))
+            dataset.train, batch, frames, rng, model.noise_width, cfg.controls, starts))
         h, c, _, amp, tail = (s.to(args.device) for s in model.initial_state(batch))
         audio = model(control, noise, h, c, phase, amp, tail)[0]
         loss = spectral_loss(audio, target)
@@ -265,6 +281,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
                 "command": " ".join(["wavecast", *argv]), "data": asdict(recipe) | {"key": recipe.key()},
                 "model": cfg.to_dict(), "steps": steps, "batch": batch, "frames": frames, "lr": args.lr,
                 "mel_weight": args.mel_weight, **({"init": init} if init else {}),
+                **({"crops": args.crops} if args.crops != "any" else {}),
                 "seconds": round(earlier_seconds + time.time() - started, 1),
                 "device": args.device,
                 "final_loss": float(np.mean(history[-PROGRESS_EVERY:])), "heldout_loss": heldout_loss,
