@@ -87,3 +87,26 @@ def test_training_can_start_from_an_instrument_in_the_store(tmp_path: Path) -> N
     # and a model with brightness does not start one without it
     refused = subprocess.run([*base, "--init", "bright"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "has a brightness control; train with --brightness" in refused.stderr
+
+
+def test_onset_crops_start_just_before_a_note() -> None:
+    """`--crops onset`: every crop starts ONSET_LEAD frames before a note begins (a new key after silence or
+    another key), so its first note is heard from the onset; plain crops start anywhere."""
+    from wavecast.models.data import HOP, Performance
+    from wavecast.models.train import ONSET_LEAD, onset_starts, sample_batch
+
+    keys = np.repeat([60, 62, 62, 67, 67, 64], 40)  # two held keys: notes of 80 frames
+    f0 = (440.0 * 2 ** ((keys - 69) / 12)).astype(np.float32)
+    loudness = np.full(len(f0), -20.0, np.float32)
+    loudness[150:160] = -80.0  # a rest in the second: 67 begins again at 160
+    perf = Performance(f0, loudness, np.zeros(len(f0) * HOP, np.float32), np.full(len(f0), 0.5, np.float32))
+    [starts] = onset_starts([perf], 30)
+    assert (starts + ONSET_LEAD).tolist() == [40, 120, 160, 200]  # 0 has no lead; 240 leaves no room for 30 frames
+    rng = np.random.default_rng(0)
+    control = sample_batch([perf], 64, 30, rng, 4, 3, [starts])[0].numpy()
+    first = control[:, ONSET_LEAD]
+    assert np.all((control[:, ONSET_LEAD - 1, 0] != first[:, 0]) | (control[:, ONSET_LEAD - 1, 1] < -60))
+    assert len({round(float(f), 2) for f in first[:, 0]}) == 3 and np.all(control[:, :, 2] == 0.5)
+    anywhere = sample_batch([perf], 64, 30, rng, 4)[0].numpy()
+    assert anywhere.shape == (64, 30, 2)
+    assert np.mean(anywhere[:, ONSET_LEAD - 1, 0] == anywhere[:, ONSET_LEAD, 0]) > 0.8
