@@ -19,7 +19,7 @@ from tests.conftest import ROOT, Server, start_server, stop_server, wavecast_com
 from wavecast.daemon.cli import build_parser
 from wavecast.models.store import SHIPPED, InvalidModelName, ModelStore, UnknownVersion, VersionRefused, default_name
 from wavecast.streaming.composer import ComposerModel
-from wavecast.streaming.model import FrameModel
+from wavecast.streaming.model import FrameModel, Manifest
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -192,7 +192,8 @@ def test_the_api_lists_versions_and_rolls_back(daemon: tuple[Server, ModelStore]
     assert status == 200 and listed["name"] == "violin" and listed["current"] == 3
     assert [(v["version"], v["current"], v["shipped"]) for v in listed["versions"]] == [
         (1, False, True), (2, False, False), (3, True, False)]
-    assert listed["versions"][0]["training"]["steps"] == 3000 and listed["versions"][0]["links"] == {}
+    first, shipped = listed["versions"][0], Manifest.read(SHIPPED / "violin" / "model.json")
+    assert first["training"]["steps"] == shipped.training["steps"] and first["links"] == {}
     assert server.request("POST", "/v1/models/violin/rollback", {}) == (
         200, {"name": "violin", "version": 2, "previous": 3})
     status, model = server.request("GET", "/v1/models/violin")
