@@ -295,7 +295,7 @@ def instrument_gate(name: str) -> dict[str, Any]:
         reference = log_mel(perf.audio)
         keys, voiced, since = note_frames(perf)
         errors["lookup"] = lookup_errors(perf, lookup, reference)
-        errors["banded"] = np.abs(banded.lookup(perf, keys)[0] + perf.loudness[:, None] / 10.0 - reference).mean(1)
+        errors["banded"] = np.abs(banded.guess(perf, keys)[0] - reference).mean(1)
         for k in looked:  # on the frames the gate scores
             looked[k]["all"].append(errors[k][scored])
             looked[k]["onset"].append(errors[k][onset])

@@ -167,13 +167,6 @@ def unseen(recipe: Recipe, cache_dir: Path, count: int | None = None) -> list[Pe
     draws melodies, from the UNSEEN_TUNES tunes of each collection after the recipe's own, less any of the
     same family as one of the recipe's (the same tune in another key, edition or collection: see
     `corpus.families`), so that no performance replays a melody training heard."""
-    other, tunes = _unseen_plan(recipe, cache_dir)
-    return [_performance(other, index, _gain(other), tunes)
-            for index in range(recipe.heldout if count is None else count)]
-
-
-def _unseen_plan(recipe: Recipe, cache_dir: Path) -> tuple[Recipe, list[corpus.Tune]]:
-    """The recipe and tunes `unseen` renders from (see there)."""
     tunes: list[corpus.Tune] = []
     if recipe.melodies:
         loaded = corpus.load(corpus.SHIPPABLE, recipe.melodies + UNSEEN_TUNES, cache_dir)
@@ -185,7 +178,9 @@ def _unseen_plan(recipe: Recipe, cache_dir: Path) -> tuple[Recipe, list[corpus.T
         family = corpus.families(loaded)
         touched = {f for f, s in zip(family, seen, strict=True) if s}
         tunes = [t for t, f in zip(loaded, family, strict=True) if f not in touched]
-    return dataclasses.replace(recipe, seed=recipe.seed + UNSEEN_SEED), tunes
+    other = dataclasses.replace(recipe, seed=recipe.seed + UNSEEN_SEED)
+    return [_performance(other, index, _gain(other), tunes)
+            for index in range(recipe.heldout if count is None else count)]
 
 
 def render_midi_file(path: Path, samples: int, gain: float = _PROBE_GAIN) -> np.ndarray:

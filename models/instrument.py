@@ -50,6 +50,16 @@ class InstrumentConfig:
         return 3 if self.brightness else 2
 
 
+def widen(donor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`donor`'s weights (an instrument without brightness) for one with it, the brightness inputs at zero:
+    it starts out playing exactly as the donor does, whatever the brightness."""
+    out = dict(donor)
+    for name in ("inp.0.weight", "out.0.weight"):  # brightness is the last column of each
+        weight = donor[name]
+        out[name] = torch.cat([weight, torch.zeros(weight.shape[0], 1, dtype=weight.dtype)], dim=1)
+    return out
+
+
 def exp_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """DDSP's positive output nonlinearity: smooth, bounded by 2, gradient-friendly near silence."""
     return 2.0 * torch.exp(math.log(10.0) * nn.functional.logsigmoid(x)) + 1e-7  # 2·sigmoid(x)^ln(10): no Pow
@@ -161,15 +171,6 @@ class Instrument(nn.Module):
         """
         c = self.cfg
         return (c.hop // (c.noise_window // 2)) * 2 * (c.noise_window // 2 + 1)
-
-    def widen(self, donor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`donor`'s weights (an instrument without brightness) for this one, the brightness inputs at zero:
-        it starts out playing exactly as the donor does, whatever the brightness."""
-        out = dict(donor)
-        for name in ("inp.0.weight", "out.0.weight"):  # brightness is the last column of each
-            weight = donor[name]
-            out[name] = torch.cat([weight, torch.zeros(weight.shape[0], 1, dtype=weight.dtype)], dim=1)
-        return out
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Zero state for `batch` streams, in STATE_NAMES order."""

@@ -274,14 +274,15 @@ class SpectralTable:
     def band(self, brightness: np.ndarray) -> np.ndarray:
         return np.clip((np.asarray(brightness) * self.bands).astype(int), 0, self.bands - 1)
 
-    def lookup(self, perf: Performance, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each frame's shape [frames, MELS] (zeros where the key is unknown), and which frames have one."""
-        guess, known = np.zeros((len(keys), MELS)), np.zeros(len(keys), bool)
+    def guess(self, perf: Performance, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each frame's log-mel [frames, MELS] by the table: its key's (and band's) shape at the frame's level
+        (the level alone where the key is unknown), and which frames have a shape."""
+        shape, known = np.zeros((len(keys), MELS)), np.zeros(len(keys), bool)
         for i, (key, band) in enumerate(zip(keys.tolist(), self.band(perf.brightness).tolist(), strict=True)):
-            shape = self.shapes.get((key, band if self.bands > 1 else None), self.shapes.get((key, None)))
-            if shape is not None:
-                guess[i], known[i] = shape, True
-        return guess, known
+            found = self.shapes.get((key, band if self.bands > 1 else None), self.shapes.get((key, None)))
+            if found is not None:
+                shape[i], known[i] = found, True
+        return shape + perf.loudness[:, None] / 10.0, known
 
 
 def table_bands(model: FrameModel) -> int:
@@ -315,8 +316,7 @@ def timbre_errors(audio: np.ndarray, perf: Performance, table: SpectralTable
     which of them are onset frames."""
     reference = log_mel(perf.audio)
     keys, voiced, since = note_frames(perf)
-    shape, known = table.lookup(perf, keys)
-    guess = shape + perf.loudness[:, None] / 10.0
+    guess, known = table.guess(perf, keys)
     takes = {"model": log_mel(audio), "table": guess, "silence": np.full_like(reference, -10.0)}
     errors = {k: np.abs(v - reference).mean(1) for k, v in takes.items()}
     return errors, voiced & known, voiced & known & (since < ONSET_FRAMES)

@@ -152,7 +152,7 @@ def initial_weights(ref: str, store: Path | None, cfg: InstrumentConfig) -> tupl
     if replace(donor.cfg, brightness=cfg.brightness) != cfg:
         raise SystemExit(f"error: --init {ref}: its model is {donor.cfg.to_dict()}, this run's {cfg.to_dict()}; "
                          "train with its --hidden, or leave --init out")
-    weights = donor.state_dict() if donor.cfg == cfg else Instrument(cfg).widen(donor.state_dict())
+    weights = donor.state_dict() if donor.cfg == cfg else instrument.widen(donor.state_dict())
     return weights, {"model": manifest.name, "version": manifest.version, "sha256": manifest.onnx["sha256"]}
 
 
