@@ -1,11 +1,12 @@
 """A Standard MIDI File (format 0) of the notes a composed stream played; no dependency beyond struct.
 
 The file is in the piece's own musical time, so other tools read its form: each note starts at its position
-in quarter notes (480 ticks each), with a tempo event wherever the tempo changes, a time signature wherever the
-metre does and a key signature wherever the key does (a mode is written as the key signature of its major
-scale; minor as minor). A pause or a reset, which leave a gap the notes' quarters do not account for, becomes
-that gap at the tempo then playing, so the file's timing is the stream's. Text meta events at the start say
-what made it (the provenance).
+in quarter notes (480 ticks each) and lasts as long as the performer held it (a detached note is released
+before the next one starts, a slurred one is held to it), at the velocity it was played with; a tempo event
+comes wherever the tempo changes, a time signature wherever the metre does and a key signature wherever the
+key does (a mode is written as the key signature of its major scale; minor as minor). A pause or a reset,
+which leave a gap the notes' quarters do not account for, becomes that gap at the tempo then playing, so the
+file's timing is the stream's. Text meta events at the start say what made it (the provenance).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def write_midi(path: Path, notes: list[Note], frame_seconds: float, program: int
                                  (previous is None or note.scale != previous.scale, key_signature(note.scale))):
             if changed:
                 events.append((tick, 0, message))
-        if note.midi is not None:
-            length = max(1, round(note.quarters * TICKS_PER_QUARTER))
+        if note.midi is not None:  # released where the performer released it
+            held = 1.0 if note.sounding is None else note.sounding / max(1, note.frames)
+            length = max(1, round(note.quarters * held * TICKS_PER_QUARTER))
             events += [(tick, 2, bytes([0x90, note.midi, note.velocity])),
                        (tick + length, 1, bytes([0x80, note.midi, 0]))]
         previous = note

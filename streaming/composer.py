@@ -265,12 +265,15 @@ class Note:
     tempo: float
     metre: str = "4/4"
     velocity: int = 96  # how hard the performer played it (MIDI; `notes.velocity_of` its brightness)
+    # frames it sounded before the performer released it (`frames` when slurred into the next note); None: a
+    # note from a snapshot taken before notes recorded it, held to the next start
+    sounding: int | None = None
 
     def to_dict(self) -> dict:
         return {"frame": self.frame, "frames": self.frames, "midi": self.midi,
                 "note": note_name(self.midi) if self.midi else "rest", "quarters": round(self.quarters, 4),
                 "bar": self.bar, "beat": round(self.beat, 3), "key": self.scale, "tempo": self.tempo,
-                "metre": self.metre, "velocity": self.velocity}
+                "metre": self.metre, "velocity": self.velocity, "sounding": self.sounding}
 
 
 class ComposerGroup:
@@ -402,6 +405,13 @@ class Voice:
         self.group, self.slot = group, slot
         self.previous = np.array([START, START], np.int64)
 
+    def _stop(self, frame: int) -> None:
+        """The performer stops the note sounding at `frame` (pause, reset); the note records it."""
+        self.performer.stop(frame)
+        note = self.note
+        if note is not None and note.sounding is not None:
+            note.sounding = max(0, min(note.sounding, frame - note.frame))
+
     def begin_frame(self, frame: int) -> bool:
         """Apply queued actions; True when the next note is to be composed at this frame."""
         with self._lock:
@@ -409,14 +419,14 @@ class Voice:
         for action in actions:
             if action == "pause" and not self.paused:
                 self.paused = True
-                self.performer.stop(frame)
+                self._stop(frame)
             elif action == "play" and self.paused:
                 self.paused = False
                 self.next_time = None
             elif action == "reset":  # stop the note, then begin the piece again from the seed
                 self._restart()
                 self.performer.reset()
-                self.performer.stop(frame)
+                self._stop(frame)
                 self.next_time = (frame + round(STOP_SECONDS / self.frame_seconds)) * self.frame_seconds
                 if self.slot is not None:
                     self.group.pool.reset(self.slot)
@@ -530,6 +540,7 @@ class Voice:
                             s["volume"], s["legato"])
         if note.midi is not None:
             note.velocity = velocity_of(float(self.performer.out[2]))
+            note.sounding = min(note.frames, self.performer.off_frame - note.frame)
         self.previous = np.array([pitch, duration], np.int64)
         self.position += quarters
         self.note = note

@@ -56,16 +56,19 @@ class Articulation:
         return min(1.0, max(0.0, 1.0 + (level - self.brightest_db) / self.brightness_span_db))
 
 
-# Measured from FluidSynth (FluidR3_GM) playing one mid-range note of each GM program: the time to come within
-# 3 dB of the sustained level, and the fall of 60 dB after note-off. The clarinet's soundfont release is one
-# frame; a player tapers, and 0.1 s is the shortest release used. The brightness lines come from each one's
-# training data (models.data: velocity as brightness against loudness, voiced frames of the 22 performances).
+# Measured from FluidSynth (FluidR3_GM) on each GM program. Attack: one mid-range note's time to come within
+# 3 dB of its sustained level. Release: the rate of the fall after note-off, as seconds per 60 dB, from a line
+# fitted to its first 30 dB (what a release before the next note reaches; the time to -60 dB, with its steep
+# tail, would make every gap too deep), the median over the instrument's range at velocities 64, 96 and 120.
+# The clarinet's soundfont release is one frame; a player tapers, and 0.1 s is the shortest release used.
+# The brightness lines come from each one's training data (models.data: velocity as brightness against
+# loudness, voiced frames of the 22 performances).
 ARTICULATIONS = {
-    40: Articulation(0.16, 0.23, -0.6, 65.4),  # violin
-    42: Articulation(0.22, 0.27, -4.0, 61.5),  # cello
-    56: Articulation(0.03, 0.10, -16.5, 42.6),  # trumpet
+    40: Articulation(0.16, 0.38, -0.6, 65.4),  # violin
+    42: Articulation(0.22, 0.49, -4.0, 61.5),  # cello
+    56: Articulation(0.03, 0.19, -16.5, 42.6),  # trumpet
     71: Articulation(0.05, 0.10, -4.8, 47.6),  # clarinet
-    73: Articulation(0.07, 0.16, 0.1, 63.1),  # flute
+    73: Articulation(0.07, 0.25, 0.1, 63.1),  # flute
 }
 DEFAULT_ARTICULATION = Articulation(0.06, 0.15)
 

@@ -377,9 +377,10 @@ def _voice(raw: Any) -> dict[str, Any]:
         raise SnapshotError(f"the snapshot's field 'voice.actions' may hold only {', '.join(ACTIONS)}")
     if voice["note"] is not None:
         note = {k: _need(voice["note"], k, kind, "voice.note.") for k, kind in NOTE_FIELDS.items()}
-        if "velocity" in voice["note"]:  # snapshots from before velocities leave it out
-            note["velocity"] = _need(voice["note"], "velocity", int, "voice.note.")
-            _bounded(note, {"velocity": (1, 127)}, "voice.note.")
+        for key, kind, bounds in (("velocity", int, (1, 127)), ("sounding", (int, type(None)), FRAMES)):
+            if key in voice["note"]:  # snapshots from before notes recorded it leave it out
+                note[key] = _need(voice["note"], key, kind, "voice.note.")
+                _bounded(note, {key: bounds}, "voice.note.")
         _bounded(note, NOTE_BOUNDS, "voice.note.")
         try:
             validate_controls({k: note[k] for k in ("scale", "tempo", "metre")})

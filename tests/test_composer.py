@@ -223,7 +223,8 @@ def test_composer_api_errors(server: Server) -> None:
 def test_the_midi_file_is_in_the_piece_s_time_with_its_tempo_metre_and_key(violin: FrameModel, composer: ComposerModel,
                                                                            tmp_path: Path) -> None:
     """Read back with mido: notes at their positions in quarter notes, at the velocities the performer played them
-    (downbeat accents and phrase swells), a tempo, time and key signature at the start and at each change, and the
+    (downbeat accents and phrase swells) and as long as it held them (detached ones released before the next
+    start, slurred ones held to it), a tempo, time and key signature at the start and at each change, and the
     file's length the piece's (a pause kept as time)."""
     mido = pytest.importorskip("mido")
     from wavecast.daemon.midi import TICKS_PER_QUARTER, write_midi
@@ -239,18 +240,27 @@ def test_the_midi_file_is_in_the_piece_s_time_with_its_tempo_metre_and_key(violi
     assert [round(mido.tempo2bpm(m.tempo)) for t, m in meta if t == "set_tempo"] == [120, 90]
     assert [(m.numerator, m.denominator) for t, m in meta if t == "time_signature"] == [(3, 4), (6, 8)]
     assert [m.key for t, m in meta if t == "key_signature"] == ["Am", "D"]  # E dorian has D major's notes
-    at, starts, velocities = 0, [], []
+    at, starts, velocities, lengths = 0, [], [], []
     for m in song.tracks[0]:
         at += m.time
         if m.type == "note_on":
             starts.append(at)
             velocities.append(m.velocity)
-    assert velocities == [n.velocity for n in notes if n.midi is not None] and len(set(velocities)) > 3
+        elif m.type == "note_off":
+            lengths.append(at - starts[len(lengths)])
+    played = [n for n in notes if n.midi is not None]
+    assert velocities == [n.velocity for n in played] and len(set(velocities)) > 3
+    written = [round(n.quarters * TICKS_PER_QUARTER) for n in played]
+    detached = [i for i, n in enumerate(played) if n.sounding < n.frames]
+    assert detached and len(detached) < len(played)  # legato 0.6: some of each
+    assert all(lengths[i] < written[i] for i in detached)
+    assert all(lengths[i] == written[i] for i in range(len(played)) if i not in detached)
     before_change = [n for n in notes if n.tempo == 120.0 and n.midi is not None]
     positions = np.cumsum([0.0] + [n.quarters for n in notes])[[i for i, n in enumerate(notes) if n.midi is not None]]
     assert starts[: len(before_change)] == [round(p * TICKS_PER_QUARTER) for p in positions[: len(before_change)]]
     last = notes[-1]
-    assert abs(song.length - (last.frame + last.frames) * violin.manifest.frame_seconds) < 0.1  # the pause kept
+    end = last.frame + (last.frames if last.sounding is None else last.sounding)
+    assert abs(song.length - end * violin.manifest.frame_seconds) < 0.1  # the pause kept
 
 
 # -- form and responsive controls: notes only (`compose_notes` plays what a render plays, checked first) --------

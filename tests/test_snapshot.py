@@ -206,7 +206,15 @@ def test_bad_bytes_are_refused_with_reasons(violin: FrameModel, cello: FrameMode
     # a snapshot from before brightness (f0 and loudness alone) still resumes, at the middle brightness
     old = dataclasses.replace(snap, voice={**snap.voice, "performer": {**performer, "out": performer["out"][:2]}})
     assert e.resume(group, decode(encode(old)), composer).voice.performer.out[2] == 0.5
-    assert len(e.streams) == 2  # nothing refused took a slot (the old snapshot's stream did)
+    # and one from before notes carried their velocity and how long they sounded
+    assert snap.voice["note"]["sounding"] is not None
+    note = {k: v for k, v in snap.voice["note"].items() if k not in ("velocity", "sounding")}
+    old = dataclasses.replace(snap, voice={**snap.voice, "note": note})
+    assert e.resume(group, decode(encode(old)), composer).voice.note.sounding is None
+    bad = dataclasses.replace(snap, voice={**snap.voice, "note": {**note, "sounding": -3}})
+    with pytest.raises(SnapshotError, match="'voice.note.sounding' is outside"):
+        decode(encode(bad))
+    assert len(e.streams) == 3  # nothing refused took a slot (the old snapshots' streams did)
 
 
 # -- HTTP: one daemon to another ---------------------------------------------------------------------------

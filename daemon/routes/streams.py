@@ -79,7 +79,10 @@ NOTE = {
                    "midi": {"type": ["integer", "null"], "description": "null for a rest"},
                    "note": {"type": "string", "description": "e.g. D5, or rest"}, "quarters": {"type": "number"},
                    "bar": {"type": "integer"}, "beat": {"type": "number"}, "key": {"type": "string"},
-                   "tempo": {"type": "number"}, "metre": {"type": "string"}},
+                   "tempo": {"type": "number"}, "metre": {"type": "string"},
+                   "velocity": {"type": "integer", "description": "how hard the performer played it, 1-127"},
+                   "sounding": {"type": ["integer", "null"],
+                                "description": "frames it sounded before its release (frames when slurred)"}},
 }
 NOW_PLAYING = {
     "type": "object", "required": ["state", "note", "key", "tempo", "notes_played"],
