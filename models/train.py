@@ -33,7 +33,7 @@ from wavecast.models.runs import (
 )
 from wavecast.models.store import NAME_RULE, POLICIES, ModelStore, default_name, default_work, valid_name
 from wavecast.streaming.model import FrameModel, Manifest, ModelError
-from wavecast.streaming.notes import midi_hz
+from wavecast.streaming.notes import MIDDLE_BRIGHTNESS, midi_hz
 
 PITCH_CHECKS = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0)  # Hz, those inside the model's f0 range
 # One-pole time constant of f0 and loudness changes. bench/engine.py counts no clicks from 30-40 dB and
@@ -43,8 +43,8 @@ CONTROL_SMOOTHING_SECONDS = 0.01
 ONSET_LEAD = 5  # frames of what sounded before a note that an onset crop (`--crops onset`) starts with
 # The note's velocity over the data's range (models/data.py `brightness_of`); its default is the middle of the
 # data's velocities, and it glides as f0 and loudness do.
-BRIGHTNESS_CONTROL = {"name": "brightness", "unit": "", "min": 0.0, "max": 1.0, "default": 0.5,
-                      "smoothing": CONTROL_SMOOTHING_SECONDS}
+BRIGHTNESS_CONTROL = {"name": "brightness", "unit": "", "min": 0.0, "max": 1.0,
+                      "default": MIDDLE_BRIGHTNESS, "smoothing": CONTROL_SMOOTHING_SECONDS}
 
 
 def log(msg: str) -> None:

@@ -29,6 +29,7 @@ _MODE_ALIASES = {"ionian": "major", "aeolian": "minor"}
 REGISTERS = {"low": 0.0, "mid": 0.5, "high": 1.0}  # the register feature: median pitch 55 .. 79 mapped to 0..1
 _REGISTER_LOW, _REGISTER_HIGH = 55.0, 79.0
 VELOCITIES = (40, 127)  # the MIDI velocities the instruments' data plays (models/data.py): brightness 0..1 spans them
+MIDDLE_BRIGHTNESS = 0.5  # a brightness control's default, and where a performer starts or a snapshot without it resumes
 _DENSITY_LOW, _DENSITY_HIGH = 0.5, 4.0  # notes per quarter note mapped to density 0..1 (log scale)
 FEATURES = 3 + 12 + len(MODES) + 3  # bar position (3), tonic, mode, density, register, triple metre
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from wavecast.streaming.model import Manifest
-from wavecast.streaming.notes import midi_hz
+from wavecast.streaming.notes import MIDDLE_BRIGHTNESS, midi_hz
 
 FLOOR_DB = -80.0  # loudness of silence
 ONSET_DB = 40.0  # an attack rises from this far under the note's level, or from what still sounds there
@@ -102,7 +102,8 @@ class Performer:
         self.f0_range = f0_range
         self.loudness_max = loudness_max  # the instrument's top: an accent never asks for more
         self.frame_seconds = frame_seconds
-        self.out = np.array([f0_range[0], FLOOR_DB, 0.5], np.float32)  # f0, loudness, brightness of this frame
+        # f0, loudness, brightness of this frame
+        self.out = np.array([f0_range[0], FLOOR_DB, MIDDLE_BRIGHTNESS], np.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -195,4 +196,4 @@ class Performer:
         self.off_frame, self.level, self.onset = state["off_frame"], state["level"], state["onset"]
         self.attack = state["attack"]
         self.glide_from, self.fall = state["glide_from"], state["fall"]
-        self.out = np.array([*state["out"], 0.5][:3], np.float32)  # a snapshot from before brightness: 0.5
+        self.out = np.array([*state["out"], MIDDLE_BRIGHTNESS][:3], np.float32)  # from before brightness
