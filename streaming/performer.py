@@ -56,13 +56,13 @@ class Articulation:
         return min(1.0, max(0.0, 1.0 + (level - self.brightest_db) / self.brightness_span_db))
 
 
-# Measured from FluidSynth (FluidR3_GM) on each GM program. Attack: one mid-range note's time to come within
-# 3 dB of its sustained level. Release: the rate of the fall after note-off, as seconds per 60 dB, from a line
-# fitted to its first 30 dB (what a release before the next note reaches; the time to -60 dB, with its steep
-# tail, would make every gap too deep), the median over the instrument's range at velocities 64, 96 and 120.
-# The clarinet's soundfont release is one frame; a player tapers, and 0.1 s is the shortest release used.
-# The brightness lines come from each one's training data (models.data: velocity as brightness against
-# loudness, voiced frames of the 22 performances).
+# Measured from FluidSynth (FluidR3_GM) on each GM program; bench/articulation.py measures them again. Attack:
+# one mid-range note's time to come within 3 dB of its sustained level. Release: the rate of the fall after
+# note-off, as seconds per 60 dB, from a line fitted to its first 30 dB (what a release before the next note
+# reaches; the time to -60 dB, with its steep tail, would make every gap too deep), the median over the
+# instrument's range at velocities 64, 96 and 120. The clarinet's soundfont release is one frame; a player
+# tapers, and 0.1 s is the shortest release used. The brightness lines come from each one's training data
+# (models.data: velocity as brightness against loudness, voiced frames of the 22 performances).
 ARTICULATIONS = {
     40: Articulation(0.16, 0.38, -0.6, 65.4),  # violin
     42: Articulation(0.22, 0.49, -4.0, 61.5),  # cello

@@ -1,0 +1,97 @@
+"""How FluidSynth starts and stops each instrument's notes, beside the performer's `ARTICULATIONS`.
+
+Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/articulation.py [--out FILE]
+(the 'train' extra; FluidSynth and FluidR3_GM as for training). For each GM program in
+`streaming.performer.ARTICULATIONS` it renders single notes across the instrument's range (`data.INSTRUMENTS`,
+every 6th key) at velocities 64, 96 and 120, each held 1 s, and measures:
+
+- attack: the time from note-on until the level comes within 3 dB of its sustained level (the median of the
+  last 0.3 s before note-off);
+- release: the rate of the fall after note-off as seconds per 60 dB, from a line fitted to the frames until
+  it is 30 dB down (what a release before the next note reaches; the time to -60 dB has a steep tail no gap
+  reaches).
+
+Prints the medians beside the performer's values and writes JSON (default bench/out/articulation.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import mido
+import numpy as np
+
+from wavecast.models import data
+from wavecast.streaming.performer import ARTICULATIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+VELOCITIES = (64, 96, 120)
+KEY_STEP = 6
+HELD_SECONDS, LEAD_SECONDS = 1.0, 0.05
+SUSTAIN_SECONDS, WITHIN_DB, RELEASE_DB = 0.3, 3.0, 30.0
+
+
+def levels(program: int, key: int, velocity: int) -> tuple[np.ndarray, int, int]:
+    """Per-frame level (dB) of one note, and the frames of its note-on and note-off."""
+    song = mido.MidiFile(ticks_per_beat=480)  # 120 bpm: 960 ticks a second
+    track = mido.MidiTrack()
+    song.tracks.append(track)
+    track += [mido.Message("program_change", program=program, time=0),
+              mido.Message("note_on", note=key, velocity=velocity, time=round(LEAD_SECONDS * 960)),
+              mido.Message("note_off", note=key, time=round(HELD_SECONDS * 960))]
+    with tempfile.TemporaryDirectory(prefix="wavecast-bench-") as tmp:
+        path = Path(tmp) / "note.mid"
+        song.save(path)
+        audio = data.render_midi_file(path, int((LEAD_SECONDS + HELD_SECONDS + 1.0) * data.SAMPLE_RATE))
+    frame = data.HOP / data.SAMPLE_RATE
+    return data.loudness_db(audio), round(LEAD_SECONDS / frame), round((LEAD_SECONDS + HELD_SECONDS) / frame)
+
+
+def measure(program: int, keys: range) -> dict[str, float]:
+    frame = data.HOP / data.SAMPLE_RATE
+    attacks, releases = [], []
+    for key in keys:
+        for velocity in VELOCITIES:
+            level, on, off = levels(program, key, velocity)
+            sustain = float(np.median(level[off - round(SUSTAIN_SECONDS / frame): off]))
+            attacks.append(int(np.argmax(level[on:] > sustain - WITHIN_DB)) * frame)
+            fall = level[off: off + round(0.5 / frame)] - sustain
+            end = int(np.argmax(fall < -RELEASE_DB)) if (fall < -RELEASE_DB).any() else len(fall)
+            if end <= 2:  # gone within two frames: as fast as a frame can say
+                releases.append(frame)
+                continue
+            slope = -np.polyfit(np.arange(end), fall[:end], 1)[0]  # dB a frame
+            releases.append(60.0 * frame / max(float(slope), 1e-3))
+    return {"attack_seconds": float(np.median(attacks)), "release_seconds": float(np.median(releases)),
+            "notes": len(attacks)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "articulation.json")
+    args = parser.parse_args(argv)
+    ranges = {program: (low, high) for program, low, high in data.INSTRUMENTS.values()}
+    names = {program: name for name, (program, _, _) in data.INSTRUMENTS.items()}
+    rows = []
+    print(f"{'instrument':12} {'program':>7} {'attack s (performer)':>22} {'release s/60 dB (performer)':>28}")
+    for program, ours in ARTICULATIONS.items():
+        low, high = ranges[program]
+        print(f"[articulation] {names[program]}: {len(range(low, high + 1, KEY_STEP)) * len(VELOCITIES)} notes",
+              file=sys.stderr, flush=True)
+        got = measure(program, range(low, high + 1, KEY_STEP))
+        rows.append({"instrument": names[program], "program": program, "fluidsynth": got,
+                     "performer": {"attack_seconds": ours.attack_seconds, "release_seconds": ours.release_seconds}})
+        print(f"{names[program]:12} {program:>7} {got['attack_seconds']:>13.3f} ({ours.attack_seconds:.2f})"
+              f" {got['release_seconds']:>19.3f} ({ours.release_seconds:.2f})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"velocities": VELOCITIES, "key_step": KEY_STEP, "rows": rows}, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
