@@ -33,6 +33,8 @@ VELOCITIES = (64, 96, 120)
 KEY_STEP = 6
 HELD_SECONDS, LEAD_SECONDS = 1.0, 0.05
 SUSTAIN_SECONDS, WITHIN_DB, RELEASE_DB = 0.3, 3.0, 30.0
+RELEASE_WINDOW_SECONDS = 0.5  # after note-off, where the fall is looked for
+FRAME_SECONDS = data.HOP / data.SAMPLE_RATE
 
 
 def levels(program: int, key: int, velocity: int) -> tuple[np.ndarray, int, int]:
@@ -47,25 +49,24 @@ def levels(program: int, key: int, velocity: int) -> tuple[np.ndarray, int, int]
         path = Path(tmp) / "note.mid"
         song.save(path)
         audio = data.render_midi_file(path, int((LEAD_SECONDS + HELD_SECONDS + 1.0) * data.SAMPLE_RATE))
-    frame = data.HOP / data.SAMPLE_RATE
-    return data.loudness_db(audio), round(LEAD_SECONDS / frame), round((LEAD_SECONDS + HELD_SECONDS) / frame)
+    on = round(LEAD_SECONDS / FRAME_SECONDS)
+    return data.loudness_db(audio), on, on + round(HELD_SECONDS / FRAME_SECONDS)
 
 
 def measure(program: int, keys: range) -> dict[str, float]:
-    frame = data.HOP / data.SAMPLE_RATE
     attacks, releases = [], []
     for key in keys:
         for velocity in VELOCITIES:
             level, on, off = levels(program, key, velocity)
-            sustain = float(np.median(level[off - round(SUSTAIN_SECONDS / frame): off]))
-            attacks.append(int(np.argmax(level[on:] > sustain - WITHIN_DB)) * frame)
-            fall = level[off: off + round(0.5 / frame)] - sustain
+            sustain = float(np.median(level[off - round(SUSTAIN_SECONDS / FRAME_SECONDS): off]))
+            attacks.append(int(np.argmax(level[on:] > sustain - WITHIN_DB)) * FRAME_SECONDS)
+            fall = level[off: off + round(RELEASE_WINDOW_SECONDS / FRAME_SECONDS)] - sustain
             end = int(np.argmax(fall < -RELEASE_DB)) if (fall < -RELEASE_DB).any() else len(fall)
             if end <= 2:  # gone within two frames: as fast as a frame can say
-                releases.append(frame)
+                releases.append(FRAME_SECONDS)
                 continue
             slope = -np.polyfit(np.arange(end), fall[:end], 1)[0]  # dB a frame
-            releases.append(60.0 * frame / max(float(slope), 1e-3))
+            releases.append(60.0 * FRAME_SECONDS / max(float(slope), 1e-3))
     return {"attack_seconds": float(np.median(attacks)), "release_seconds": float(np.median(releases)),
             "notes": len(attacks)}
 
@@ -74,18 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "articulation.json")
     args = parser.parse_args(argv)
-    ranges = {program: (low, high) for program, low, high in data.INSTRUMENTS.values()}
-    names = {program: name for name, (program, _, _) in data.INSTRUMENTS.items()}
     rows = []
     print(f"{'instrument':12} {'program':>7} {'attack s (performer)':>22} {'release s/60 dB (performer)':>28}")
-    for program, ours in ARTICULATIONS.items():
-        low, high = ranges[program]
-        print(f"[articulation] {names[program]}: {len(range(low, high + 1, KEY_STEP)) * len(VELOCITIES)} notes",
-              file=sys.stderr, flush=True)
-        got = measure(program, range(low, high + 1, KEY_STEP))
-        rows.append({"instrument": names[program], "program": program, "fluidsynth": got,
+    for name, (program, low, high) in data.INSTRUMENTS.items():
+        ours, keys = ARTICULATIONS[program], range(low, high + 1, KEY_STEP)
+        print(f"[articulation] {name}: {len(keys) * len(VELOCITIES)} notes", file=sys.stderr, flush=True)
+        got = measure(program, keys)
+        rows.append({"instrument": name, "program": program, "fluidsynth": got,
                      "performer": {"attack_seconds": ours.attack_seconds, "release_seconds": ours.release_seconds}})
-        print(f"{names[program]:12} {program:>7} {got['attack_seconds']:>13.3f} ({ours.attack_seconds:.2f})"
+        print(f"{name:12} {program:>7} {got['attack_seconds']:>13.3f} ({ours.attack_seconds:.2f})"
               f" {got['release_seconds']:>19.3f} ({ours.release_seconds:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"velocities": VELOCITIES, "key_step": KEY_STEP, "rows": rows}, indent=1))

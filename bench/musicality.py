@@ -137,7 +137,7 @@ def composed_minutes(composer: ComposerModel, seeds: int, img: Path | None) -> d
         model = FrameModel(SHIPPED / name, device="cpu")
         program = model.manifest.training["data"]["program"]
         fs = model.manifest.frame_seconds
-        ours, theirs, written, halves = [], [], [], ([], [])
+        ours, theirs, held_as_written, halves = [], [], [], ([], [])
         for seed in range(seeds):
             piece = PIECES[seed % len(PIECES)]
             t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def composed_minutes(composer: ComposerModel, seeds: int, img: Path | None) -> d
             a, b = mfcc(audio), mfcc(ref)
             ours.append(a)
             theirs.append(b)
-            written.append(mfcc(held))
+            held_as_written.append(mfcc(held))
             halves[0].append(b[: len(b) // 2])
             halves[1].append(b[len(b) // 2 :])
             rows.append({"instrument": name, "seed": seed, **piece, "notes": shapes["notes"],
@@ -169,7 +169,7 @@ def composed_minutes(composer: ComposerModel, seeds: int, img: Path | None) -> d
                 f"{rows[-1]['in_phrase_frames']} frames ({time.perf_counter() - t0:.1f} s)")
             if img is not None and seed == 0:
                 pooled[name] = (audio, ref, notes)
-        a, b, w = np.concatenate(ours), np.concatenate(theirs), np.concatenate(written)
+        a, b, w = np.concatenate(ours), np.concatenate(theirs), np.concatenate(held_as_written)
         h0, h1 = np.concatenate(halves[0]), np.concatenate(halves[1])
         fd = {"to_fluidsynth": frechet(a, b), "fluidsynth_split_half": frechet(h0, h1),
               "to_fluidsynth_no_c0": frechet(a[:, 1:], b[:, 1:]),
