@@ -168,7 +168,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     frames = args.frames or (50 if args.quick else 100)
     if args.instrument:
         program, low, high = data.INSTRUMENTS[args.instrument]
-        notes = {"program": program, "low_note": low, "high_note": high}
+        notes = {"program": program, "low_note": low, "high_note": high,
+                 "level_db": data.LEVEL_DB.get(args.instrument, 0.0)}
     else:  # a GM program across the whole f0 control range
         notes = {"program": args.program}
     # --quick leaves the folk-tune phrases out: in 600 steps on 40 s of data their fast notes cost the pitch.

@@ -1,6 +1,7 @@
 """models.data against the real FluidSynth CLI and GM SoundFont (no mocks)."""
 
 import shutil
+from dataclasses import replace
 
 import mido
 import numpy as np
@@ -171,3 +172,15 @@ def test_brightness_is_the_velocity_each_note_was_played_at(cache):
     built = data.build(TINY, cache)  # the second build reads the cache, which stores no brightness
     assert np.array_equal(data.build(TINY, cache).train[0].brightness, built.train[0].brightness)
     assert np.array_equal(built.train[0].brightness, data.render_one(TINY, 0, cache).brightness)
+
+
+def test_a_level_raises_the_rendered_audio_and_its_loudness(tiny, cache):
+    """The trumpet's data is rendered LEVEL_DB louder than the common peak; recipes without a level keep their
+    keys, so their caches and manifests stay valid."""
+    louder = replace(TINY, level_db=6.0)
+    assert louder.key() != TINY.key() and replace(louder, level_db=0.0).key() == TINY.key()
+    plain, raised = tiny.train[0], data.render_one(louder, 0, cache)
+    np.testing.assert_allclose(raised.audio, plain.audio * 10 ** (6 / 20), rtol=1e-5, atol=1e-7)
+    voiced = plain.loudness > -60
+    np.testing.assert_allclose(raised.loudness[voiced], plain.loudness[voiced] + 6.0, atol=0.01)
+    np.testing.assert_array_equal(raised.f0, plain.f0)
