@@ -70,7 +70,7 @@ class Articulation:
 ARTICULATIONS = {
     40: Articulation(0.16, 0.38, -0.6, 65.4),  # violin
     42: Articulation(0.22, 0.49, -4.0, 61.5),  # cello
-    56: Articulation(0.03, 0.19, -16.5, 42.6),  # trumpet
+    56: Articulation(0.03, 0.19, -9.5, 42.6),  # trumpet
     71: Articulation(0.05, 0.01, -4.8, 47.6, lift_db=-FLOOR_DB),  # clarinet
     73: Articulation(0.07, 0.25, 0.1, 63.1),  # flute
 }

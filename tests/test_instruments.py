@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHIPPED_INSTRUMENTS
-from wavecast.models.data import INSTRUMENTS, loudness_db
+from wavecast.models.data import INSTRUMENTS, LEVEL_DB, loudness_db
 from wavecast.models.export import render_constant
 from wavecast.models.quality import MELS, log_mel
 from wavecast.models.store import SHIPPED
@@ -26,6 +26,7 @@ def test_a_shipped_instrument_plays_the_real_instrument_s_range(name: str) -> No
     program, low, high = INSTRUMENTS[name]
     trained = manifest.training["data"]
     assert (trained["program"], trained["low_note"], trained["high_note"]) == (program, low, high)
+    assert trained.get("level_db", 0.0) == LEVEL_DB.get(name, 0.0)  # the trumpet's data raised to the others'
     f0 = manifest.control("f0")
     assert f0.min <= midi_hz(low) * 1.0001 and f0.max >= midi_hz(high) * 0.9999  # every trained note
     assert f0.min >= midi_hz(low - 1) and f0.max <= midi_hz(high + 1)  # and not a semitone past them
