@@ -64,8 +64,8 @@ class Articulation:
 # reaches; the time to -60 dB, with its steep tail, would make every gap too deep), the median over the
 # instrument's range at velocities 64, 96 and 120. The clarinet's is one frame: its tongued reed stops, so a
 # detached clarinet note falls to silence before the next (FLOOR_DB under 0 dB), as FluidSynth's does, where the
-# others lift LIFT_DB and ring on (a 30 dB lift measured 11x FluidSynth's split-half MFCC distance on composed
-# clarinet minutes, a stop 2.2x; bench/RESULTS.md). The brightness lines come from each one's training data
+# others lift LIFT_DB and ring on (a 30 dB lift was most of the clarinet's MFCC distance to FluidSynth as played:
+# bench/RESULTS.md). The brightness lines come from each one's training data
 # (models.data: velocity as brightness against loudness, voiced frames of the 22 performances).
 ARTICULATIONS = {
     40: Articulation(0.16, 0.38, -0.6, 65.4),  # violin

@@ -1,8 +1,8 @@
 """Re-exporting a trained instrument with the wavetable oscillator: same weights, same audio, cheaper graph.
 
 The first shipped models were trained and exported with the "blocks" oscillator (sines and cosines per frame);
-`wavecast export` read their weights back out of those graphs and re-exported them (`default` still is one of
-them; the others were trained since, and exported with the wavetable). These tests rebuild such an old-style
+`wavecast export` read their weights back out of those graphs and re-exported them (every shipped model was
+trained since, and exported with the wavetable). These tests rebuild such an old-style
 graph from each shipped model's weights and check that the re-export path and the new graph reproduce its
 audio, at low and high f0 and through loudness swells.
 """
@@ -25,7 +25,6 @@ import onnx  # noqa: E402
 from tests.conftest import SHIPPED_INSTRUMENTS  # noqa: E402
 from wavecast.models.export import export_onnx  # noqa: E402
 from wavecast.models.reexport import (  # noqa: E402
-    EQUIVALENCE_SNR_DB,
     equivalence,
     graph_synthesis,
     load_instrument,
@@ -38,7 +37,6 @@ from wavecast.streaming.model import FrameModel, Manifest, file_sha256  # noqa: 
 
 # The shipped models first exported with the "blocks" oscillator, and what their re-export measured, new graph
 # vs old over export.control_path (240 frames); the others were trained and exported with the wavetable.
-MEASURED_SNR_DB = {"default": 110.3}
 
 
 def old_style_copy(source: Path, directory: Path) -> Path:
@@ -88,21 +86,10 @@ def test_shipped_graphs_carry_the_wavetable(name: str) -> None:
     assert training["steps"] > 0 and training["seconds"] > 0
     assert "init" not in training or len(training["init"]["sha256"]) == 64
     assert manifest.verification["parity"]["max_abs_audio"] <= manifest.verification["parity_limit"]
-    if name not in MEASURED_SNR_DB:  # trained by this code: the manifest records the command, no re-export
-        assert manifest.training["command"].startswith("wavecast train instrument"), manifest.training["command"]
-        reexported = manifest.training.get("reexport")  # a quality re-measure keeps the graph it found
-        assert reexported is None or reexported["from_synthesis"] == graph_synthesis(manifest)
-        return
-    chain = [manifest.training["reexport"]]  # the latest re-export first, each keeping the one before
-    while "previous" in chain[-1]:
-        chain.append(chain[-1]["previous"])
-    assert all(r["command"].startswith("wavecast export") for r in chain)
-    assert all(r["snr_db"] is None and r["max_abs_diff"] == 0 for r in (e["equivalence"] for e in chain[:-1]))
-    record = chain[-1]  # the one that brought the wavetable
-    assert record["from_synthesis"] == {"oscillator": "blocks"} and len(record["from_sha256"]) == 64
-    assert record["from_sha256"] != manifest.onnx["sha256"] == file_sha256(directory / "model.onnx")
-    assert record["weights_check"]["max_abs_audio"] < 1e-5  # the weights read back reproduced the old file
-    assert record["equivalence"]["snr_db"] >= max(EQUIVALENCE_SNR_DB, MEASURED_SNR_DB[name] - 0.5)
+    # each trained by this code: the manifest records the command (a quality re-measure keeps the graph it found)
+    assert manifest.training["command"].startswith("wavecast train instrument"), manifest.training["command"]
+    reexported = manifest.training.get("reexport")
+    assert reexported is None or reexported["from_synthesis"] == graph_synthesis(manifest)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +131,7 @@ def test_reexport_of_an_old_graph(old_default: Path, tmp_path: Path) -> None:
     report = reexport(old_default, out, "wavecast export test", "rev", None)  # quality: see bench/quality.py
     assert report["origin"]["max_abs_audio"] < 1e-5
     assert report["parity"]["max_abs_audio"] < 1e-4
-    assert report["equivalence"]["snr_db"] >= MEASURED_SNR_DB["default"] - 3
+    assert report["equivalence"]["snr_db"] >= 100.0  # as the shipped default against its old-style copy
     manifest = FrameModel(out, device="cpu").manifest
     old = Manifest.read(old_default / "model.json")
     assert (manifest.name, manifest.version, manifest.states, manifest.noise) == (
