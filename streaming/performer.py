@@ -5,8 +5,8 @@ phrases a line. A note attacks with the instrument's own onset time, from whatev
 still sounds (tails overlap the next attack; nothing is gated to silence first). `legato` is the chance that
 a note is slurred into the next one (held to the next start, the pitch gliding over, no new attack) and, for
 detached notes, how little of the note's end is released. A released note falls at the instrument's release
-rate but no more than its lift before the next note (LIFT_DB: a lift, not a stop, for an instrument whose note
-rings on; to silence for the clarinet, whose tongued reed stops), and a rest shorter than a quarter
+rate but no more than LIFT_DB before the next note (a lift, not a stop; only the clarinet, whose tongued reed
+stops the sound, falls silent at its own rate), and a rest shorter than a quarter
 note falls to no more than ROOM_DB under the note before, as it rings on in a room, so that a phrase
 breathes instead of stopping dead. Dynamics follow the metre and the phrase: an accent on the downbeat, a
 swell to the middle of each 4-bar phrase, a little unevenness; and a louder note is played harder, so it is
@@ -31,7 +31,7 @@ REARTICULATE_DB = 9.0  # dip between two slurred notes of the same pitch, so the
 GLIDE_SECONDS = 0.04  # portamento between slurred notes
 MAX_GAP_SECONDS = 0.15  # a detached note's release before the next start, at legato 0 (at most half the note)
 FAST_ATTACK = 0.35  # share of a note its attack may take at most
-LIFT_DB = 30.0  # the most that release falls, for most instruments: a detached note lifts off, the phrase goes on
+LIFT_DB = 30.0  # the most that release falls: a detached note lifts off, the phrase goes on
 ROOM_DB = 40.0  # a short rest (under a quarter note) falls to this far under the note before it, no further
 VIBRATO_HZ, VIBRATO_CENTS, VIBRATO_AFTER_SECONDS = 5.5, 30.0, 0.25
 ACCENT_DB, PHRASE_SWELL_DB, UNEVEN_DB = 2.0, 2.0, 1.0  # downbeat accent, 4-bar phrase swell, random +-
@@ -51,7 +51,7 @@ class Articulation:
     # the data's voiced frames.
     brightest_db: float = -5.0
     brightness_span_db: float = 55.0
-    lift_db: float = LIFT_DB  # the most a detached note's release falls before the next note starts
+    stops: bool = False  # a detached note falls at its release rate to silence, not at most LIFT_DB
 
     def brightness(self, level: float) -> float:
         """How hard a note at `level` dB is played, as the data plays such notes on average."""
@@ -63,15 +63,15 @@ class Articulation:
 # note-off, as seconds per 60 dB, from a line fitted to its first 30 dB (what a release before the next note
 # reaches; the time to -60 dB, with its steep tail, would make every gap too deep), the median over the
 # instrument's range at velocities 64, 96 and 120. The clarinet's is one frame: its tongued reed stops, so a
-# detached clarinet note falls to silence before the next (FLOOR_DB under 0 dB), as FluidSynth's does, where the
-# others lift LIFT_DB and ring on (a 30 dB lift was most of the clarinet's MFCC distance to FluidSynth as played:
-# bench/RESULTS.md). The brightness lines come from each one's training data
+# detached clarinet note falls silent before the next, as FluidSynth's does, where the others lift LIFT_DB and
+# ring on (a lift was most of the clarinet's MFCC distance to FluidSynth as played: bench/RESULTS.md). The
+# brightness lines come from each one's training data
 # (models.data: velocity as brightness against loudness, voiced frames of the 22 performances).
 ARTICULATIONS = {
     40: Articulation(0.16, 0.38, -0.6, 65.4),  # violin
     42: Articulation(0.22, 0.49, -4.0, 61.5),  # cello
     56: Articulation(0.03, 0.19, -9.5, 42.6),  # trumpet
-    71: Articulation(0.05, 0.01, -4.8, 47.6, lift_db=-FLOOR_DB),  # clarinet
+    71: Articulation(0.05, 0.01, -4.8, 47.6, stops=True),  # clarinet
     73: Articulation(0.07, 0.25, 0.1, 63.1),  # flute
 }
 DEFAULT_ARTICULATION = Articulation(0.06, 0.15)
@@ -162,9 +162,9 @@ class Performer:
         else:
             gap = max(1, round((1.0 - legato) * min(0.5 * note.frames * fs, MAX_GAP_SECONDS) / fs))
             self.off_frame = note.frame + max(1, note.frames - gap)
-            # the instrument's release, but staccato (legato 0) always lifts the full lift, however short
-            lift = self.articulation.lift_db
-            self.fall = min(lift / gap, max(self._release_fall(), (1.0 - legato) * lift / gap))
+            # the instrument's release, but staccato (legato 0) always lifts the full LIFT_DB, however short
+            if not self.articulation.stops:
+                self.fall = min(LIFT_DB / gap, max(self._release_fall(), (1.0 - legato) * LIFT_DB / gap))
 
     def frame(self, frame: int, vibrato: float) -> np.ndarray:
         """f0 (Hz), loudness (dB) and brightness (0..1) for this frame; `vibrato` 0..1 of VIBRATO_CENTS."""
