@@ -409,6 +409,12 @@ def report(result: dict[str, Any]) -> str:
     row(f"in-phrase frames below -60 dBFS ({c['minutes']} composed minutes)",
         f"{c['in_phrase_silent_fraction']:.1%}", "<= 2 %", c["in_phrase_silent_fraction"] <= 0.02)
     row("  FluidSynth on the same notes", f"{c['in_phrase_silent_fraction_fluidsynth']:.1%}", "", True)
+    pieces = [r for r in c["rows"] if "seed" in r]
+    for name in dict.fromkeys(r["instrument"] for r in pieces):  # the clarinet stops between detached notes
+        mine = [r for r in pieces if r["instrument"] == name]
+        frames = max(1, sum(r["in_phrase_frames"] for r in mine))
+        ours, theirs = (sum(r[k] for r in mine) / frames for k in ("in_phrase_silent", "in_phrase_silent_fluidsynth"))
+        row(f"  {name} (FluidSynth)", f"{ours:.1%} ({theirs:.1%})", "", True)
     for r in c["rows"]:
         if "mfcc_frechet" in r:
             fd = r["mfcc_frechet"]
