@@ -5,8 +5,9 @@ phrases a line. A note attacks with the instrument's own onset time, from whatev
 still sounds (tails overlap the next attack; nothing is gated to silence first). `legato` is the chance that
 a note is slurred into the next one (held to the next start, the pitch gliding over, no new attack) and, for
 detached notes, how little of the note's end is released. A released note falls at the instrument's release
-rate but no more than LIFT_DB before the next note (a lift, not a stop; only the clarinet, whose tongued reed
-stops the sound, falls silent at its own rate), and a rest shorter than a quarter
+rate but no more than LIFT_DB before the next note (a lift, not a stop; an instrument whose sound stops at
+release, `Articulation.stops`, such as the clarinet's tongued reed, falls silent at its own rate), and a rest
+shorter than a quarter
 note falls to no more than ROOM_DB under the note before, as it rings on in a room, so that a phrase
 breathes instead of stopping dead. Dynamics follow the metre and the phrase: an accent on the downbeat, a
 swell to the middle of each 4-bar phrase, a little unevenness; and a louder note is played harder, so it is
