@@ -1,8 +1,9 @@
 """The performer: typed notes in, an instrument's per-frame f0, loudness and brightness out.
 
 The composer (streaming.composer) decides what is played; the performer decides how, the way a player
-phrases a line. A note attacks with the instrument's own onset time, from whatever the previous note's tail
-still sounds (tails overlap the next attack; nothing is gated to silence first). `legato` is the chance that
+phrases a line. A note attacks along the instrument's own onset contour (its level, frame by frame, as its
+notes rise in the data), from whatever the previous note's tail still sounds (tails overlap the next attack;
+nothing is gated to silence first). `legato` is the chance that
 a note is slurred into the next one (held to the next start, the pitch gliding over, no new attack) and, for
 detached notes, how little of the note's end is released. A released note falls at the instrument's release
 rate but no more than LIFT_DB before the next note (a lift, not a stop; an instrument whose sound stops at
@@ -27,11 +28,11 @@ from wavecast.streaming.model import Manifest
 from wavecast.streaming.notes import MIDDLE_BRIGHTNESS, midi_hz
 
 FLOOR_DB = -80.0  # loudness of silence
-ONSET_DB = 40.0  # an attack rises from this far under the note's level, or from what still sounds there
+ONSET_FRAME_SECONDS = 0.01  # the step of `Articulation.onset_db`
 REARTICULATE_DB = 9.0  # dip between two slurred notes of the same pitch, so the second one is heard
 GLIDE_SECONDS = 0.04  # portamento between slurred notes
 MAX_GAP_SECONDS = 0.15  # a detached note's release before the next start, at legato 0 (at most half the note)
-FAST_ATTACK = 0.35  # share of a note its attack may take at most
+FAST_ATTACK = 0.35  # share of a note its onset contour may take at most: a fast note speaks faster
 LIFT_DB = 30.0  # the most that release falls: a detached note lifts off, the phrase goes on
 ROOM_DB = 40.0  # a short rest (under a quarter note) falls to this far under the note before it, no further
 VIBRATO_HZ, VIBRATO_CENTS, VIBRATO_AFTER_SECONDS = 5.5, 30.0, 0.25
@@ -45,7 +46,9 @@ STOP_SECONDS = 0.05
 class Articulation:
     """How an instrument starts and stops a note."""
 
-    attack_seconds: float  # from ONSET_DB under the level to the level
+    # A note's level under its sustained level (dB, < 0), every ONSET_FRAME_SECONDS from its start until it
+    # comes within 1 dB: the attack out of silence. From a sounding tail the same shape rises from there.
+    onset_db: tuple[float, ...]
     release_seconds: float  # a released note's fall of 60 dB
     # The level (dB) at which the training data's notes are on average played at full velocity (brightness 1),
     # and the dB under it at which they are at the softest (0): a line fitted to brightness against loudness over
@@ -54,28 +57,45 @@ class Articulation:
     brightness_span_db: float = 55.0
     stops: bool = False  # a detached note falls at its release rate to silence, not at most LIFT_DB
 
+    @property
+    def attack_seconds(self) -> float:
+        return len(self.onset_db) * ONSET_FRAME_SECONDS
+
     def brightness(self, level: float) -> float:
         """How hard a note at `level` dB is played, as the data plays such notes on average."""
         return min(1.0, max(0.0, 1.0 + (level - self.brightest_db) / self.brightness_span_db))
 
 
-# Measured from FluidSynth (FluidR3_GM) on each GM program; bench/articulation.py measures them again. Attack:
-# one mid-range note's time to come within 3 dB of its sustained level. Release: the rate of the fall after
-# note-off, as seconds per 60 dB, from a line fitted to its first 30 dB (what a release before the next note
-# reaches; the time to -60 dB, with its steep tail, would make every gap too deep), the median over the
-# instrument's range at velocities 64, 96 and 120. The clarinet's is one frame: its tongued reed stops, so a
+# Measured from FluidSynth (FluidR3_GM) on each GM program; bench/articulation.py measures them again. Onset:
+# the median over the instrument's range (every 6th key) at velocities 64, 96 and 120 of each frame's level
+# under the note's sustained level, until it comes within 1 dB (a cello's bow takes 0.3 s, a trumpet's tongue
+# 0.02 s). Release: the rate of the fall after note-off, as seconds per 60 dB, from a line fitted to its first
+# 30 dB (what a release before the next note reaches; the time to -60 dB, with its steep tail, would make every
+# gap too deep), the median over the same notes. The clarinet's is one frame: its tongued reed stops, so a
 # detached clarinet note falls silent before the next, as FluidSynth's does, where the others lift LIFT_DB and
 # ring on (a lift was most of the clarinet's MFCC distance to FluidSynth as played: bench/RESULTS.md). The
-# brightness lines come from each one's training data
-# (models.data: velocity as brightness against loudness, voiced frames of the 22 performances).
+# brightness lines come from each one's training data (models.data: velocity as brightness against loudness,
+# voiced frames of the 22 performances).
 ARTICULATIONS = {
-    40: Articulation(0.16, 0.38, -0.6, 65.4),  # violin
-    42: Articulation(0.22, 0.49, -4.0, 61.5),  # cello
-    56: Articulation(0.03, 0.19, -9.5, 42.6),  # trumpet
-    71: Articulation(0.05, 0.01, -4.8, 47.6, stops=True),  # clarinet
-    73: Articulation(0.07, 0.25, 0.1, 63.1),  # flute
+    40: Articulation(  # violin
+        (-19.2, -13.9, -12.2, -11.0, -8.8, -9.0, -8.0, -7.8, -6.8, -6.1, -5.5, -5.1, -4.5, -4.2, -3.8, -3.6,
+         -3.3, -2.7, -4.2, -4.1, -2.3, -2.1, -1.6, -1.3),
+        0.38, -0.6, 65.4),
+    42: Articulation(  # cello
+        (-23.5, -20.1, -17.0, -14.9, -12.4, -11.9, -9.9, -10.5, -8.4, -7.5, -7.5, -6.8, -5.8, -5.2, -5.5, -5.0,
+         -4.8, -4.7, -5.0, -4.5, -3.9, -3.7, -3.6, -2.9, -3.0, -2.8, -2.2, -2.6, -2.4, -1.5, -1.2),
+        0.49, -4.0, 61.5),
+    56: Articulation(  # trumpet
+        (-9.5, -1.8),
+        0.19, -9.5, 42.6),
+    71: Articulation(  # clarinet
+        (-27.7, -17.2, -7.9, -3.7, -2.0),
+        0.01, -4.8, 47.6, stops=True),
+    73: Articulation(  # flute
+        (-31.8, -21.8, -15.6, -10.0, -6.1, -2.8, -1.4),
+        0.25, 0.1, 63.1),
 }
-DEFAULT_ARTICULATION = Articulation(0.06, 0.15)
+DEFAULT_ARTICULATION = Articulation((-30.0, -15.0, -7.0, -3.0, -1.5), 0.15)  # a quick attack, a short release
 
 
 def articulation_of(manifest: Manifest) -> Articulation:
@@ -154,9 +174,8 @@ class Performer:
         elif slurred:
             self.onset = self.level - REARTICULATE_DB
         else:
-            self.onset = max(float(self.out[1]), self.level - ONSET_DB)
+            self.onset = max(float(self.out[1]), self.level + self.articulation.onset_db[0])
         self.fall = self._release_fall()
-        # a fast note speaks faster: its attack takes at most FAST_ATTACK of it
         self.attack = min(self.articulation.attack_seconds, FAST_ATTACK * note.frames * fs)
         if self.rng.random() < legato:  # slurred into the next note
             self.off_frame = note.frame + note.frames
@@ -183,9 +202,22 @@ class Performer:
             ramp = min(1.0, (since - VIBRATO_AFTER_SECONDS) / 0.2)
             f0 *= 2.0 ** (ramp * depth / 1200 * math.sin(2 * math.pi * VIBRATO_HZ * (since - VIBRATO_AFTER_SECONDS)))
         self.out[0] = min(max(f0, self.f0_range[0]), self.f0_range[1])
-        rise = min(1.0, (since + fs) / (GLIDE_SECONDS if self.glide_from is not None else self.attack))
-        self.out[1] = self.level + (self.onset - self.level) * (1.0 - rise) ** 2  # fast, then settling
+        if self.glide_from is not None:
+            under = (1.0 - min(1.0, (since + fs) / GLIDE_SECONDS)) ** 2  # from the slurred note's level
+        else:
+            under = self._under(since / self.attack * len(self.articulation.onset_db))
+        self.out[1] = self.level + (self.onset - self.level) * under
         return self.out
+
+    def _under(self, step: float) -> float:
+        """How far under its level a note is `step` steps into its onset contour, as a share of the contour's
+        start (1 at its first step, 0 from its end on), interpolated between steps."""
+        contour = self.articulation.onset_db
+        i = int(step)
+        if i >= len(contour):
+            return 0.0
+        after = contour[i + 1] if i + 1 < len(contour) else 0.0
+        return (contour[i] + (after - contour[i]) * (step - i)) / contour[0]
 
     def export(self) -> dict[str, Any]:
         """Every field the next frame depends on, as JSON-able values (a snapshot's 'performer')."""
