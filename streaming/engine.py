@@ -846,8 +846,10 @@ class Engine:
             now = stream.frames * fs
             quarter = voice.position - (voice.next_time - now) / beat
             delay = max(0.0, (math.ceil(quarter * 2 - 1e-6) / 2 - quarter) * beat)
-        return sting.curve(Scale.parse(s["scale"]), register_midi(s["register"]) + 12, s["tempo"], s["volume"],
-                           voice.f0_range, fs, delay)
+        # at the piece's level: its volume and its instrument's level in the piece's register (key_db)
+        middle = register_midi(s["register"])
+        level = s["volume"] + voice.performer.articulation.key_level(round(middle))
+        return sting.curve(Scale.parse(s["scale"]), middle + 12, s["tempo"], level, voice.f0_range, fs, delay)
 
     def _end_stings(self, group: Group, layers: list[Layer]) -> None:
         """Stop `layers` (stings of `group`) and release their slots (inference thread)."""

@@ -1,19 +1,18 @@
 """The performer: typed notes in, an instrument's per-frame f0, loudness and brightness out.
 
-The composer (streaming.composer) decides what is played; the performer decides how, the way a player
-phrases a line. A note attacks along the instrument's own onset contour (its level, frame by frame, as its
-notes rise in the data), from whatever the previous note's tail still sounds (tails overlap the next attack;
-nothing is gated to silence first). `legato` is the chance that
-a note is slurred into the next one (held to the next start, the pitch gliding over, no new attack) and, for
-detached notes, how little of the note's end is released. A released note falls at the instrument's release
-rate but no more than LIFT_DB before the next note (a lift, not a stop; an instrument whose sound stops at
-release, `Articulation.stops`, such as the clarinet's tongued reed, falls silent at its own rate), and a rest
-shorter than a quarter
-note falls to no more than ROOM_DB under the note before, as it rings on in a room, so that a phrase
-breathes instead of stopping dead. Dynamics follow the metre and the phrase: an accent on the downbeat, a
-swell to the middle of each 4-bar phrase, a little unevenness; and a louder note is played harder, so it is
-brighter (for an instrument with a brightness control: see `Articulation.brightest_db`). Everything here runs
-on the inference thread, once a frame, with no allocation.
+The composer (streaming.composer) decides what is played; the performer decides how, the way a player phrases a
+line. A note attacks along the instrument's own onset contour (its level, frame by frame, as its notes rise in
+the data), from whatever the previous note's tail still sounds (tails overlap the next attack; nothing is gated
+to silence first). `legato` is the chance that a note is slurred into the next one (held to the next start, the
+pitch gliding over, no new attack) and, for detached notes, how little of the note's end is released. A released
+note falls at the instrument's release rate but no more than LIFT_DB before the next note (a lift, not a stop; an
+instrument whose sound stops at release, `Articulation.stops`, such as the clarinet's tongued reed, falls silent
+at its own rate), and a rest shorter than a quarter note falls to no more than ROOM_DB under the note before, as
+it rings on in a room, so that a phrase breathes instead of stopping dead. Each key is louder or quieter by as
+much as the instrument's own keys differ. Dynamics follow the metre and the phrase: an accent on the downbeat, a swell
+to the middle of each 4-bar phrase, a little unevenness; and a louder note is played harder, so it is brighter
+(for an instrument with a brightness control: see `Articulation.brightest_db`). Everything here runs on the
+inference thread, once a frame, with no allocation.
 """
 
 from __future__ import annotations
@@ -56,10 +55,17 @@ class Articulation:
     brightest_db: float = -5.0
     brightness_span_db: float = 55.0
     stops: bool = False  # a detached note falls at its release rate to silence, not at most LIFT_DB
+    # How far each key sounds above the instrument's average at one velocity (dB), from `low_key` up (the
+    # nearest end beyond): a note is played at its level plus its key's, as the instrument sounds it.
+    low_key: int = 0
+    key_db: tuple[float, ...] = (0.0,)
 
     @property
     def attack_seconds(self) -> float:
         return len(self.onset_db) * ONSET_FRAME_SECONDS
+
+    def key_level(self, midi: int) -> float:
+        return self.key_db[min(max(midi - self.low_key, 0), len(self.key_db) - 1)]
 
     def brightness(self, level: float) -> float:
         """How hard a note at `level` dB is played, as the data plays such notes on average."""
@@ -75,25 +81,41 @@ class Articulation:
 # detached clarinet note falls silent before the next, as FluidSynth's does, where the others lift LIFT_DB and
 # ring on (a lift was most of the clarinet's MFCC distance to FluidSynth as played: bench/RESULTS.md). The
 # brightness lines come from each one's training data (models.data: velocity as brightness against loudness,
-# voiced frames of the 22 performances).
+# voiced frames of the 22 performances). Key levels: every key's sustained level over the range's mean (median
+# over the three velocities, then over each key and its neighbours): a sampled instrument's keys differ by a few
+# dB, zone by zone (the cello's by +-2.4 dB), as a real one's strings and registers do.
 ARTICULATIONS = {
     40: Articulation(  # violin
-        (-19.2, -13.9, -12.2, -11.0, -8.8, -9.0, -8.0, -7.8, -6.8, -6.1, -5.5, -5.1, -4.5, -4.2, -3.8, -3.6,
-         -3.3, -2.7, -4.2, -4.1, -2.3, -2.1, -1.6, -1.3),
-        0.38, -0.6, 65.4),
+        (-19.2, -13.9, -12.2, -11.0, -8.8, -9.0, -8.0, -7.8, -6.8, -6.1, -5.5, -5.1, -4.5, -4.2, -3.8, -3.6, -3.3,
+         -2.7, -4.2, -4.1, -2.3, -2.1, -1.6, -1.3),
+        0.38, -0.6, 65.4, low_key=55,
+        key_db=(4.4, 4.9, 4.9, 4.9, 3.4, 3.4, 4.0, 4.8, 5.1, 5.1, 2.6, 2.6, 2.9, 2.9, 2.9, 2.9, 2.9, 1.1, 1.0, 0.9,
+                -1.0, -1.1, -1.1, -0.8, -0.6, -0.5, 0.3, 0.3, 0.4, 0.3, 0.4, 0.4, 0.4, 0.1, -0.4, -4.4, -4.9, -5.3,
+                -5.3, -5.3, 2.1, 2.1)),
     42: Articulation(  # cello
-        (-23.5, -20.1, -17.0, -14.9, -12.4, -11.9, -9.9, -10.5, -8.4, -7.5, -7.5, -6.8, -5.8, -5.2, -5.5, -5.0,
-         -4.8, -4.7, -5.0, -4.5, -3.9, -3.7, -3.6, -2.9, -3.0, -2.8, -2.2, -2.6, -2.4, -1.5, -1.2),
-        0.49, -4.0, 61.5),
+        (-23.5, -20.1, -17.0, -14.9, -12.4, -11.9, -9.9, -10.5, -8.4, -7.5, -7.5, -6.8, -5.8, -5.2, -5.5, -5.0, -4.8,
+         -4.7, -5.0, -4.5, -3.9, -3.7, -3.6, -2.9, -3.0, -2.8, -2.2, -2.6, -2.4, -1.5, -1.2),
+        0.49, -4.0, 61.5, low_key=36,
+        key_db=(1.2, 1.6, 1.8, 1.8, 0.7, 0.4, 0.4, 3.8, 3.8, 3.6, 2.3, 2.3, 2.3, -0.3, -0.6, -0.6, 4.4, 4.4, 3.7,
+                -0.3, -0.5, -0.5, 1.6, 1.7, 1.6, -2.6, -2.6, -2.5, 0.0, 0.5, 0.5, -1.8, -1.8, -1.6, -0.3, -0.3, -0.4,
+                -0.4, -0.5, -1.5, -4.7, -5.4, -5.4, -2.9, -2.9, -3.6)),
     56: Articulation(  # trumpet
         (-9.5, -1.8),
-        0.19, -9.5, 42.6),
+        0.19, -9.5, 42.6, low_key=52,
+        key_db=(-0.8, -0.9, -1.1, -1.4, -1.6, -1.9, -1.9, -1.6, -1.3, -1.3, -1.5, -1.6, -1.7, -1.7, -1.4, 1.0, 1.0,
+                1.0, 1.1, 1.1, 0.5, 0.4, 0.4, 0.4, 1.8, 1.8, 1.8, 1.7, 1.8, 1.7, 1.7, 1.6, 0.9)),
     71: Articulation(  # clarinet
         (-27.7, -17.2, -7.9, -3.7, -2.0),
-        0.01, -4.8, 47.6, stops=True),
+        0.01, -4.8, 47.6, stops=True, low_key=50,
+        key_db=(-1.5, -1.5, -1.5, -1.5, -2.4, -2.4, -2.4, -0.6, -0.6, -0.6, 0.5, 0.5, 0.5, -2.6, -2.6, -2.6, -1.3,
+                -1.3, -1.3, -1.4, -1.4, 1.9, 1.9, 0.0, 0.0, 1.0, 1.0, 1.7, 1.7, 1.0, 1.0, -0.5, -0.5, 1.9, 1.9, 1.9,
+                1.9, 2.0, 2.0, 2.0, 2.0, 1.9)),
     73: Articulation(  # flute
         (-31.8, -21.8, -15.6, -10.0, -6.1, -2.8, -1.4),
-        0.25, 0.1, 63.1),
+        0.25, 0.1, 63.1, low_key=60,
+        key_db=(-2.3, -2.3, -2.1, -2.1, -2.1, -2.0, -1.9, -1.5, -1.5, -1.1, -0.9, -0.9, -1.0, -1.1, -1.3, -1.3, -1.2,
+                -0.9, -1.2, -1.6, -1.6, -1.4, 1.3, 1.3, 1.3, 2.5, 2.5, 2.4, 2.4, 2.4, 2.4, 2.5, 2.7, 2.7, 2.4, 2.4,
+                2.6)),
 }
 DEFAULT_ARTICULATION = Articulation((-30.0, -15.0, -7.0, -3.0, -1.5), 0.15)  # a quick attack, a short release
 
@@ -167,8 +189,9 @@ class Performer:
                 self.fall = min(self.fall, max(0.0, float(self.out[1]) - self.level + ROOM_DB) / max(1, note.frames))
             return
         level = volume + (ACCENT_DB if note.downbeat else 0.0) + PHRASE_SWELL_DB * math.sin(math.pi * note.phrase)
-        self.level = min(level + self.rng.uniform(-UNEVEN_DB, UNEVEN_DB), self.loudness_max)
-        self.out[2] = self.articulation.brightness(self.level)  # as a velocity: set at the note's start
+        level = min(level + self.rng.uniform(-UNEVEN_DB, UNEVEN_DB), self.loudness_max)
+        self.out[2] = self.articulation.brightness(level)  # as a velocity: set at the note's start
+        self.level = min(level + self.articulation.key_level(note.midi), self.loudness_max)
         if slurred and previous.midi != note.midi:
             self.glide_from, self.onset = float(self.out[0]), float(self.out[1])
         elif slurred:

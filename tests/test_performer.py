@@ -4,6 +4,8 @@ keeps sounding inside its phrases and plays its instrument's brightness."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,21 @@ def test_each_instrument_attacks_along_its_own_onset_contour() -> None:
     assert rise[0] > level + CELLO.onset_db[0] + 5.0  # at legato 0.5 the tail still sounded
 
 
+def test_each_key_sounds_as_its_instrument_s_does() -> None:
+    """The same phrase with and without the cello's key levels (same seed, so the same dynamics): each note
+    sounds its key's level over or under the other, at the same brightness (the same effort)."""
+    notes = [(52, 60), (61, 60), (67, 60), (None, 30), (52, 60)]
+    flat = dataclasses.replace(CELLO, key_db=(0.0,))
+    keyed, starts = play(notes, legato=0.0, articulation=CELLO)
+    plain, _ = play(notes, legato=0.0, articulation=flat)
+    for start, (midi, _) in zip(starts, notes, strict=True):
+        if midi is not None:
+            assert keyed[start + 40, 1] - plain[start + 40, 1] == pytest.approx(CELLO.key_level(midi), abs=1e-4)
+    assert CELLO.key_level(52) - CELLO.key_level(61) > 5.0
+    np.testing.assert_array_equal(keyed[:, 2], plain[:, 2])
+    assert CELLO.key_level(20) == CELLO.key_db[0] and CELLO.key_level(120) == CELLO.key_db[-1]
+
+
 def test_a_louder_note_is_played_harder_so_brighter() -> None:
     """Brightness is a velocity: set at each note's start (slurred or not), held through the note and its
     release, higher for a louder note, as the instrument's data plays such notes on average."""
@@ -107,9 +124,10 @@ def test_a_louder_note_is_played_harder_so_brighter() -> None:
     assert 0.0 <= soft[:, 2].max() < 0.4 < 0.8 < loud[:, 2].min() <= 1.0
     changes = np.flatnonzero(np.diff(loud[:, 2])) + 1
     assert set(changes) <= set(starts[1:]) and len(changes) >= 2  # new notes only; the rest keeps the last
-    for start in starts:
-        level = loud[start + 30, 1]  # the note's level, past its attack
-        assert loud[start, 2] == pytest.approx(CLARINET.brightness(level), abs=0.01) or start == starts[2]
+    for start, midi in zip(starts, (67, 69, None, 71), strict=True):
+        if midi is not None:  # the note's level, past its attack, less its key's: how hard it was played
+            level = loud[start + 30, 1] - CLARINET.key_level(midi)
+            assert loud[start, 2] == pytest.approx(CLARINET.brightness(level), abs=0.01)
     assert ARTICULATIONS[56].brightness(-30.0) > CLARINET.brightness(-30.0)  # the trumpet is played harder there
 
 
