@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import time
 
 import aiohttp
 import numpy as np
 
 from tests.conftest import Server
+from tests.test_fuzz import real_offer
 from wavecast.daemon.client import Listener
 from wavecast.streaming.analysis import estimate_f0, rms_db
 
@@ -136,6 +139,23 @@ async def bad_requests_while_playing(server: Server) -> None:
 
 def test_bad_requests_get_json_errors_while_a_stream_plays(server: Server) -> None:
     asyncio.run(bad_requests_while_playing(server))
+
+
+def test_a_half_made_offer_is_refused_and_leaves_nothing_running(server: Server) -> None:
+    """Offers that aiortc reads but cannot answer (a real offer without its data-channel line, or with its
+    mid garbled) get 400 malformed_sdp, and the connect step aiortc had already scheduled for them finds the
+    connection closed instead of failing in the background."""
+    sid = server.request("POST", "/v1/streams", {"seed": 4})[1]["id"]
+    sdp = asyncio.run(real_offer())["sdp"]
+    for broken in (re.sub(r"m=application[^\r]*\r\n", "", sdp), re.sub(r"a=mid:0", "a=mid:x", sdp)):
+        status, body = server.request("POST", f"/v1/streams/{sid}/webrtc", {"type": "offer", "sdp": broken})
+        assert (status, body["error"]["code"]) == (400, "malformed_sdp"), body
+    time.sleep(0.5)  # a background failure is logged when its task is collected
+    assert server.request("GET", f"/v1/streams/{sid}")[1]["peers"] == 0
+    log = server.log.read_text()
+    assert "offer refused stream=" + sid in log
+    for sign in ("Task exception was never retrieved", "Exception in callback"):
+        assert sign not in log, log[-3000:]
 
 
 def test_unknown_routes_say_so(server: Server) -> None:

@@ -59,6 +59,7 @@ class Peer:
         self.tasks: set[asyncio.Task] = set()
         self.messages = RateLimit(d.limits.message_rate, d.limits.message_burst)
         self.closing: asyncio.Future | None = None
+        self.connection_closed = False
         self.pc.on("connectionstatechange", self._on_state)
         self.pc.on("datachannel", self._on_channel)
         track.on("ended", lambda: asyncio.ensure_future(self.close(track.ended)) if track.ended else None)
@@ -70,6 +71,9 @@ class Peer:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as e:  # for SDP it cannot use, aiortc raises anything from ValueError to KeyError
             log.info("offer refused stream=%s: %s", self.stream.id, describe(e))  # its words are rarely for people
+            # Before anything else runs: aiortc has already scheduled its connect step for an offer it read, and
+            # that step fails in the background on the half-made transports unless it finds the connection closed.
+            await self._close_connection()
             await self.close()
             raise ApiError(400, "malformed_sdp", "cannot answer this offer; send an SDP offer with an audio m-line, "
                                                  "ICE credentials and a DTLS fingerprint, as RTCPeerConnection."
@@ -98,6 +102,13 @@ class Peer:
                 channel.send(json.dumps(said))
             if open_:
                 await asyncio.sleep(0.1)  # let SCTP send it
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
+        """Close the RTCPeerConnection, once: after a close that raised, another would wait forever."""
+        if self.connection_closed:
+            return
+        self.connection_closed = True
         try:
             await self.pc.close()
         except Exception as e:  # aiortc trips over the half-made transports of an offer it refused
