@@ -2,8 +2,9 @@
 
 The composer (streaming.composer) decides what is played; the performer decides how, the way a player phrases a
 line. A note attacks along the instrument's own onset contour (its level, frame by frame, as its notes rise in
-the data), from whatever the previous note's tail still sounds (tails overlap the next attack; nothing is gated
-to silence first). `legato` is the chance that a note is slurred into the next one (held to the next start, the
+the data) while the previous note's tail rings on under it at its release rate, the two summed in power as two
+overlapping notes sound (the level dips where the tail falls faster than the attack rises; nothing is gated to
+silence first). `legato` is the chance that a note is slurred into the next one (held to the next start, the
 pitch gliding over, no new attack) and, for detached notes, how little of the note's end is released. A released
 note falls at the instrument's release rate but no more than LIFT_DB before the next note (a lift, not a stop; an
 instrument whose sound stops at release, `Articulation.stops`, such as the clarinet's tongued reed, falls silent
@@ -46,7 +47,7 @@ class Articulation:
     """How an instrument starts and stops a note."""
 
     # A note's level under its sustained level (dB, < 0), every ONSET_FRAME_SECONDS from its start until it
-    # comes within 1 dB: the attack out of silence. From a sounding tail the same shape rises from there.
+    # comes within 1 dB: the attack out of silence (a sounding tail rings on beside it: see Performer.frame).
     onset_db: tuple[float, ...]
     release_seconds: float  # a released note's fall of 60 dB
     # The level (dB) at which the training data's notes are on average played at full velocity (brightness 1),
@@ -160,6 +161,7 @@ class Performer:
         self.off_frame = 0  # where the current note's release starts
         self.level = FLOOR_DB  # the current note's loudness
         self.onset = FLOOR_DB  # the loudness its attack starts from
+        self.tail = FLOOR_DB  # the loudness the previous note rang at as this one attacked (rings on under it)
         self.attack = self.articulation.attack_seconds  # its attack's length
         self.glide_from: float | None = None  # f0 a slurred note glides from
         self.fall = self._release_fall()  # dB a frame while released
@@ -192,12 +194,13 @@ class Performer:
         level = min(level + self.rng.uniform(-UNEVEN_DB, UNEVEN_DB), self.loudness_max)
         self.out[2] = self.articulation.brightness(level)  # as a velocity: set at the note's start
         self.level = min(level + self.articulation.key_level(note.midi), self.loudness_max)
+        self.tail = FLOOR_DB
         if slurred and previous.midi != note.midi:
             self.glide_from, self.onset = float(self.out[0]), float(self.out[1])
         elif slurred:
             self.onset = self.level - REARTICULATE_DB
         else:
-            self.onset = max(float(self.out[1]), self.level + self.articulation.onset_db[0])
+            self.onset, self.tail = self.level + self.articulation.onset_db[0], float(self.out[1])
         self.fall = self._release_fall()
         self.attack = min(self.articulation.attack_seconds, FAST_ATTACK * note.frames * fs)
         if self.rng.random() < legato:  # slurred into the next note
@@ -229,7 +232,11 @@ class Performer:
             under = (1.0 - min(1.0, (since + fs) / GLIDE_SECONDS)) ** 2  # from the slurred note's level
         else:
             under = self._under(since / self.attack * len(self.articulation.onset_db))
-        self.out[1] = self.level + (self.onset - self.level) * under
+        level = self.level + (self.onset - self.level) * under
+        if self.tail > FLOOR_DB:  # the previous note rings on at its release rate, its power beside the attack's
+            ring = self.tail - (frame - note.frame + 1) * self._release_fall()
+            level = min(10.0 * math.log10(10.0 ** (level / 10.0) + 10.0 ** (ring / 10.0)), self.loudness_max)
+        self.out[1] = level
         return self.out
 
     def _under(self, step: float) -> float:
@@ -246,7 +253,7 @@ class Performer:
         """Every field the next frame depends on, as JSON-able values (a snapshot's 'performer')."""
         return {"rng": self.rng.bit_generator.state, "note": None if self.note is None else asdict(self.note),
                 "off_frame": int(self.off_frame), "level": float(self.level), "onset": float(self.onset),
-                "attack": float(self.attack),
+                "tail": float(self.tail), "attack": float(self.attack),
                 "glide_from": self.glide_from, "fall": float(self.fall), "out": [float(v) for v in self.out]}
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -255,6 +262,7 @@ class Performer:
         self.rng.bit_generator.state = state["rng"]
         self.note = None if state["note"] is None else Phrasing(**state["note"])
         self.off_frame, self.level, self.onset = state["off_frame"], state["level"], state["onset"]
+        self.tail = state["tail"]
         self.attack = state["attack"]
         self.glide_from, self.fall = state["glide_from"], state["fall"]
         self.out = np.array([*state["out"], MIDDLE_BRIGHTNESS][:3], np.float32)  # from before brightness

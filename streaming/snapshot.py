@@ -33,6 +33,7 @@ import numpy as np
 from wavecast.streaming.composer import ACTIONS, PERIOD_BARS, ControlError, control_defaults, validate_controls
 from wavecast.streaming.model import Manifest
 from wavecast.streaming.notes import DURATIONS, PITCH_TOKENS, REGISTERS, START
+from wavecast.streaming.performer import FLOOR_DB
 from wavecast.streaming.watermark import DELAY
 
 MAGIC = b"\x89WCSNAP\n"  # the high byte and the newline catch a file mangled as text
@@ -59,7 +60,7 @@ CONTROL_BOUND = 1e9  # as the API's: no control takes more, and float32 holds it
 VOICE_BOUNDS = {"position": (0.0, 1e9), "next_time": (0.0, 1e12), "frame": FRAMES, "count": FRAMES,
                 "recording_bar": (-1, 2**62)}
 PERFORMER_BOUNDS = {"off_frame": FRAMES, "level": (-200.0, 20.0), "onset": (-200.0, 20.0), "attack": (1e-4, 10.0),
-                    "glide_from": (1e-3, 1e5), "fall": (0.0, 200.0)}
+                    "glide_from": (1e-3, 1e5), "fall": (0.0, 200.0), "tail": (-200.0, 20.0)}
 PHRASING_BOUNDS = {"frame": FRAMES, "frames": FRAMES, "midi": (0, 127), "quarters": (1e-3, 64.0), "phrase": (0.0, 1.0)}
 BAR_EVENTS = 64  # a bar's notes at most (a 4/4 bar holds 16 sixteenths)
 NOTE_BOUNDS = {"frame": FRAMES, "frames": FRAMES, "midi": (0, 127), "quarters": (1e-3, 64.0), "bar": (1, 2**62),
@@ -394,6 +395,8 @@ def _voice(raw: Any) -> dict[str, Any]:
 def _performer(raw: Any) -> dict[str, Any]:
     """The voice's performer as `Performer.restore` takes it, every field checked."""
     performer = {k: _need(raw, k, kind, "voice.performer.") for k, kind in PERFORMER_FIELDS.items()}
+    # a snapshot from before the ringing tail has none: the note then attacks as from silence
+    performer["tail"] = _need(raw, "tail", NUMBER, "voice.performer.") if "tail" in raw else FLOOR_DB
     _bounded(performer, PERFORMER_BOUNDS, "voice.performer.")
     out = performer["out"]
     if len(out) not in (2, 3) or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in out) or \

@@ -22,6 +22,7 @@ from wavecast.streaming.composer import ComposerGroup, ComposerModel
 from wavecast.streaming.engine import Engine, Group, SnapshotRefused, Stream
 from wavecast.streaming.events import load_events
 from wavecast.streaming.model import FrameModel
+from wavecast.streaming.performer import FLOOR_DB
 from wavecast.streaming.ring import Reader
 from wavecast.streaming.snapshot import (
     MAGIC,
@@ -206,6 +207,13 @@ def test_bad_bytes_are_refused_with_reasons(violin: FrameModel, cello: FrameMode
     # a snapshot from before brightness (f0 and loudness alone) still resumes, at the middle brightness
     old = dataclasses.replace(snap, voice={**snap.voice, "performer": {**performer, "out": performer["out"][:2]}})
     assert e.resume(group, decode(encode(old)), composer).voice.performer.out[2] == 0.5
+    # and one from before the previous note's tail rang on under the next attack, as from silence
+    old = dataclasses.replace(snap, voice={**snap.voice, "performer": {
+        k: v for k, v in performer.items() if k != "tail"}})
+    assert e.resume(group, decode(encode(old)), composer).voice.performer.tail == FLOOR_DB
+    bad = dataclasses.replace(snap, voice={**snap.voice, "performer": {**performer, "tail": 1e6}})
+    with pytest.raises(SnapshotError, match="'voice.performer.tail' is outside"):
+        decode(encode(bad))
     # and one from before notes carried their velocity and how long they sounded
     assert snap.voice["note"]["sounding"] is not None
     note = {k: v for k, v in snap.voice["note"].items() if k not in ("velocity", "sounding")}
@@ -214,7 +222,7 @@ def test_bad_bytes_are_refused_with_reasons(violin: FrameModel, cello: FrameMode
     bad = dataclasses.replace(snap, voice={**snap.voice, "note": {**note, "sounding": -3}})
     with pytest.raises(SnapshotError, match="'voice.note.sounding' is outside"):
         decode(encode(bad))
-    assert len(e.streams) == 3  # nothing refused took a slot (the old snapshots' streams did)
+    assert len(e.streams) == 4  # nothing refused took a slot (the old snapshots' streams did)
 
 
 # -- HTTP: one daemon to another ---------------------------------------------------------------------------
