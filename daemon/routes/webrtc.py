@@ -59,7 +59,6 @@ class Peer:
         self.tasks: set[asyncio.Task] = set()
         self.messages = RateLimit(d.limits.message_rate, d.limits.message_burst)
         self.closing: asyncio.Future | None = None
-        self.connection_closed = False
         self.pc.on("connectionstatechange", self._on_state)
         self.pc.on("datachannel", self._on_channel)
         track.on("ended", lambda: asyncio.ensure_future(self.close(track.ended)) if track.ended else None)
@@ -105,10 +104,10 @@ class Peer:
         await self._close_connection()
 
     async def _close_connection(self) -> None:
-        """Close the RTCPeerConnection, once: after a close that raised, another would wait forever."""
-        if self.connection_closed:
+        """Close the RTCPeerConnection, once: its close says 'closed' before its first await, and after a close that
+        raised another would wait forever."""
+        if self.pc.signalingState == "closed":
             return
-        self.connection_closed = True
         try:
             await self.pc.close()
         except Exception as e:  # aiortc trips over the half-made transports of an offer it refused
